@@ -1,0 +1,385 @@
+"""Bytes to typed requests and back: the one trust boundary of the gateway.
+
+``decode`` returns a well-typed ``Request`` or raises ``ProtocolError`` whose
+message names the field and what was wrong. ``encode_*`` produce the bytes the
+server sends; the gateway never builds a frame any other way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from protocol.codes import Channel, ErrorCode, Mode
+from protocol.errors import ProtocolError, bad_request
+from protocol.messages import (
+    EmergencyGet,
+    EmergencySet,
+    LimitsGet,
+    LimitsSet,
+    OrderValidate,
+    Params,
+    Ping,
+    PositionEntry,
+    PositionSnapshot,
+    PositionUpdate,
+    PriceUpdate,
+    Request,
+    RequestId,
+    ReservationRelease,
+    SessionAuth,
+    SessionHello,
+    StateGet,
+    Subscribe,
+    Unsubscribe,
+)
+from protocol.values import (
+    parse_bool,
+    parse_decimal,
+    parse_int,
+    parse_name,
+    parse_text,
+    show,
+)
+
+MAX_ID_CHARS = 64
+MAX_SNAPSHOT_POSITIONS = 10_000
+_ENVELOPE_KEYS = frozenset({"id", "method", "params"})
+_CHANNELS = {c.value: c for c in Channel}
+_MODES = {m.value: m for m in Mode}
+
+
+def _params(
+    method: str, raw: object, allowed: tuple[str, ...], required: tuple[str, ...]
+) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise bad_request(f"params must be an object, was {show(raw)}")
+    for key in raw:
+        if key not in allowed:
+            expected = ", ".join(allowed) if allowed else "none"
+            raise bad_request(
+                f"params.{key} is not a parameter of {method} (parameters: {expected})"
+            )
+    for key in required:
+        if key not in raw:
+            raise bad_request(f"params.{key} is required for {method}")
+    return raw
+
+
+def _optional_seq(p: Mapping[str, Any]) -> int | None:
+    value = p.get("seq")
+    return None if value is None else parse_int(value, "params.seq", minimum=0)
+
+
+def _channels(value: object, field: str) -> tuple[Channel, ...]:
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"{field} must be a non-empty array of channel names, was {show(value)}")
+    result: list[Channel] = []
+    for i, name in enumerate(value):
+        channel = _CHANNELS.get(name) if isinstance(name, str) else None
+        if channel is None:
+            raise bad_request(
+                f"{field}[{i}] must be one of {', '.join(_CHANNELS)}, was {show(name)}"
+            )
+        if channel not in result:
+            result.append(channel)
+    return tuple(result)
+
+
+def _session_auth(m: str, raw: object) -> SessionAuth:
+    p = _params(m, raw, ("token",), ("token",))
+    token = p["token"]
+    if not isinstance(token, str) or not token or len(token) > 512:
+        raise bad_request("params.token must be a non-empty string of at most 512 characters")
+    return SessionAuth(token=token)
+
+
+def _session_hello(m: str, raw: object) -> SessionHello:
+    p = _params(m, raw, ("cancel_on_disconnect",), ())
+    value = p.get("cancel_on_disconnect", False)
+    return SessionHello(cancel_on_disconnect=parse_bool(value, "params.cancel_on_disconnect"))
+
+
+def _no_params(
+    cls: type[Ping] | type[EmergencyGet] | type[LimitsGet],
+) -> Callable[[str, object], Params]:
+    def parse(m: str, raw: object) -> Params:
+        _params(m, raw, (), ())
+        return cls()
+
+    return parse
+
+
+def _position_update(m: str, raw: object) -> PositionUpdate:
+    p = _params(
+        m,
+        raw,
+        ("account", "symbol", "qty", "price", "seq", "release"),
+        ("account", "symbol", "qty", "price"),
+    )
+    release = p.get("release")
+    if release is not None:
+        release = parse_text(release, "params.release", max_len=64, allow_empty=False)
+    return PositionUpdate(
+        account=parse_name(p["account"], "params.account"),
+        symbol=parse_name(p["symbol"], "params.symbol"),
+        qty=parse_decimal(p["qty"], "params.qty"),
+        price=parse_decimal(p["price"], "params.price", positive=True),
+        seq=_optional_seq(p),
+        release=release,
+    )
+
+
+def _position_snapshot(m: str, raw: object) -> PositionSnapshot:
+    p = _params(m, raw, ("account", "positions", "seq"), ("account", "positions"))
+    positions = p["positions"]
+    if not isinstance(positions, list):
+        raise bad_request(f"params.positions must be an array, was {show(positions)}")
+    if len(positions) > MAX_SNAPSHOT_POSITIONS:
+        raise bad_request(f"params.positions holds more than {MAX_SNAPSHOT_POSITIONS} entries")
+    entries: list[PositionEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(positions):
+        where = f"params.positions[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"{where} must be an object, was {show(item)}")
+        for key in item:
+            if key not in ("symbol", "qty", "price"):
+                raise bad_request(
+                    f"{where}.{key} is not a field of a position (symbol, qty, price)"
+                )
+        for key in ("symbol", "qty", "price"):
+            if key not in item:
+                raise bad_request(f"{where}.{key} is required")
+        symbol = parse_name(item["symbol"], f"{where}.symbol")
+        if symbol in seen:
+            raise bad_request(f"{where}.symbol {symbol} appears twice in the snapshot")
+        seen.add(symbol)
+        entries.append(
+            PositionEntry(
+                symbol=symbol,
+                qty=parse_decimal(item["qty"], f"{where}.qty"),
+                price=parse_decimal(item["price"], f"{where}.price", positive=True),
+            )
+        )
+    return PositionSnapshot(
+        account=parse_name(p["account"], "params.account"),
+        positions=tuple(entries),
+        seq=_optional_seq(p),
+    )
+
+
+def _price_update(m: str, raw: object) -> PriceUpdate:
+    p = _params(m, raw, ("symbol", "price"), ("symbol", "price"))
+    return PriceUpdate(
+        symbol=parse_name(p["symbol"], "params.symbol"),
+        price=parse_decimal(p["price"], "params.price", positive=True),
+    )
+
+
+def _order_validate(m: str, raw: object) -> OrderValidate:
+    p = _params(
+        m,
+        raw,
+        ("account", "symbol", "side", "qty", "price", "reserve", "client_order_id"),
+        ("account", "symbol", "side", "qty", "price"),
+    )
+    side = p["side"]
+    if side != "buy" and side != "sell":
+        raise bad_request(f'params.side must be "buy" or "sell", was {show(side)}')
+    coid = p.get("client_order_id")
+    if coid is not None:
+        coid = parse_text(coid, "params.client_order_id", max_len=64, allow_empty=False)
+    return OrderValidate(
+        account=parse_name(p["account"], "params.account"),
+        symbol=parse_name(p["symbol"], "params.symbol"),
+        side=side,
+        qty=parse_decimal(p["qty"], "params.qty", positive=True),
+        price=parse_decimal(p["price"], "params.price", positive=True),
+        reserve=parse_bool(p.get("reserve", False), "params.reserve"),
+        client_order_id=coid,
+    )
+
+
+def _reservation_release(m: str, raw: object) -> ReservationRelease:
+    p = _params(m, raw, ("reservation_id",), ("reservation_id",))
+    rid = parse_text(p["reservation_id"], "params.reservation_id", max_len=64, allow_empty=False)
+    return ReservationRelease(reservation_id=rid)
+
+
+def _emergency_set(m: str, raw: object) -> EmergencySet:
+    p = _params(m, raw, ("mode", "reason", "account"), ("mode",))
+    mode = _MODES.get(p["mode"]) if isinstance(p["mode"], str) else None
+    if mode is None:
+        raise bad_request(
+            f'params.mode must be "normal", "reducing" or "halted", was {show(p["mode"])}'
+        )
+    reason = p.get("reason", "")
+    reason = parse_text(reason, "params.reason", max_len=512)
+    if mode is not Mode.NORMAL and not reason.strip():
+        raise bad_request(f"params.reason is required (non-empty) to set mode {mode.value}")
+    account = p.get("account")
+    return EmergencySet(
+        mode=mode,
+        reason=reason,
+        account=None if account is None else parse_name(account, "params.account"),
+    )
+
+
+def _state_get(m: str, raw: object) -> StateGet:
+    p = _params(m, raw, ("account",), ())
+    account = p.get("account")
+    return StateGet(account=None if account is None else parse_name(account, "params.account"))
+
+
+def _limits_set(m: str, raw: object) -> LimitsSet:
+    p = _params(m, raw, ("version", "limits"), ("version", "limits"))
+    limits = p["limits"]
+    if not isinstance(limits, dict):
+        raise bad_request(f"params.limits must be an object, was {show(limits)}")
+    return LimitsSet(version=parse_int(p["version"], "params.version", minimum=0), limits=limits)
+
+
+def _subscribe(m: str, raw: object) -> Subscribe:
+    p = _params(m, raw, ("channels", "resume"), ("channels",))
+    channels = _channels(p["channels"], "params.channels")
+    resume_raw = p.get("resume")
+    resume: dict[Channel, int] = {}
+    if resume_raw is not None:
+        if not isinstance(resume_raw, dict):
+            raise bad_request(
+                f"params.resume must be an object of channel: seq, was {show(resume_raw)}"
+            )
+        for name, seq in resume_raw.items():
+            channel = _CHANNELS.get(name)
+            if channel is None:
+                raise bad_request(f"params.resume.{name} is not a channel")
+            if channel not in channels:
+                raise bad_request(f"params.resume.{name} names a channel not in params.channels")
+            resume[channel] = parse_int(seq, f"params.resume.{name}", minimum=0)
+    return Subscribe(channels=channels, resume=resume)
+
+
+def _unsubscribe(m: str, raw: object) -> Unsubscribe:
+    p = _params(m, raw, ("channels",), ("channels",))
+    return Unsubscribe(channels=_channels(p["channels"], "params.channels"))
+
+
+PARSERS: dict[str, Callable[[str, object], Params]] = {
+    "session.auth": _session_auth,
+    "session.hello": _session_hello,
+    "ping": _no_params(Ping),
+    "position.update": _position_update,
+    "position.snapshot": _position_snapshot,
+    "price.update": _price_update,
+    "order.validate": _order_validate,
+    "reservation.release": _reservation_release,
+    "emergency.get": _no_params(EmergencyGet),
+    "emergency.set": _emergency_set,
+    "state.get": _state_get,
+    "limits.get": _no_params(LimitsGet),
+    "limits.set": _limits_set,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+}
+METHODS = frozenset(PARSERS)
+
+
+def _request_id(obj: dict[str, Any]) -> RequestId:
+    if "id" not in obj:
+        raise bad_request("id is required (an integer or a string of at most 64 characters)")
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, int | str):
+        raise bad_request(
+            f"id must be an integer or a string of at most 64 characters, was {show(rid)}"
+        )
+    if isinstance(rid, str) and len(rid) > MAX_ID_CHARS:
+        raise bad_request(f"id must be at most {MAX_ID_CHARS} characters, was {len(rid)}")
+    return rid
+
+
+def decode(frame: bytes | str) -> Request:
+    """Parse one frame into a ``Request``.
+
+    Raises ``ProtocolError``: ``BAD_JSON`` when the frame is not JSON (or not
+    UTF-8), ``BAD_REQUEST`` when the envelope or a parameter is wrong,
+    ``UNKNOWN_METHOD`` for a method the protocol does not have. The error's
+    ``request_id`` is the frame's id when it was usable, else ``None``.
+    """
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"a request must be a JSON object, was {show(obj)}")
+    rid = _request_id(obj)
+    try:
+        for key in obj:
+            if key not in _ENVELOPE_KEYS:
+                raise bad_request(f"{key} is not a field of a request (id, method, params)")
+        method = obj.get("method")
+        if not isinstance(method, str):
+            raise bad_request(f"method must be a string, was {show(method)}")
+        parser = PARSERS.get(method)
+        if parser is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown method {show(method)}")
+        return Request(rid, method, parser(method, obj.get("params")))
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def peek_id(frame: bytes | str) -> RequestId | None:
+    """The frame's id if it has a usable one, else None (for refusals before decoding)."""
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return _request_id(obj)
+    except ProtocolError:
+        return None
+
+
+def encode_ok(request_id: RequestId | None, result: Mapping[str, Any]) -> bytes:
+    return orjson.dumps({"id": request_id, "status": "ok", "result": result})
+
+
+def encode_error(request_id: RequestId | None, code: ErrorCode, message: str) -> bytes:
+    return orjson.dumps(
+        {"id": request_id, "status": "error", "error": {"code": code.value, "message": message}}
+    )
+
+
+def encode_push(
+    channel: str, seq: int | None, data: Mapping[str, Any], *, snapshot: bool = False
+) -> bytes:
+    """A push frame. ``seq`` is None only for ``heartbeat``."""
+    if seq is None:
+        return orjson.dumps({"channel": channel, "data": data})
+    if snapshot:
+        return orjson.dumps({"channel": channel, "seq": seq, "snapshot": True, "data": data})
+    return orjson.dumps({"channel": channel, "seq": seq, "data": data})
+
+
+def decode_message(frame: bytes | str) -> dict[str, Any]:
+    """Client side: parse a response or push into a dict (no checking beyond JSON)."""
+    obj = orjson.loads(frame)
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, "server message is not a JSON object")
+    return obj
+
+
+def encode_request(
+    request_id: RequestId, method: str, params: Mapping[str, Any] | None = None
+) -> bytes:
+    """Client side: one request frame."""
+    if params is None:
+        return orjson.dumps({"id": request_id, "method": method})
+    return orjson.dumps({"id": request_id, "method": method, "params": params})

@@ -1,0 +1,138 @@
+"""Scalar values of the protocol: exact decimals, names, times.
+
+Every parser here takes the field's dotted name so that its error says which
+field was wrong and what it held, e.g. ``params.qty must be a positive decimal,
+was "-2"``.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from protocol.errors import bad_request
+
+# Risk math is +, - and * only (the collar compares |p - r| with collar * r), so
+# with enough digits nothing is ever rounded; Inexact traps if that ever changes.
+RISK_CONTEXT = decimal.Context(
+    prec=120,
+    rounding=decimal.ROUND_HALF_EVEN,
+    Emin=-999_999,
+    Emax=999_999,
+    traps=[decimal.InvalidOperation, decimal.Overflow, decimal.Inexact, decimal.DivisionByZero],
+)
+decimal.setcontext(RISK_CONTEXT)
+decimal.DefaultContext.prec = RISK_CONTEXT.prec
+decimal.DefaultContext.traps.update({decimal.Inexact: True})
+
+ZERO = Decimal(0)
+MAX_DECIMAL_CHARS = 32
+_DECIMAL_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_NAME_RE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+# Floats at or above 2**53 may not be what the sender wrote (orjson reads big
+# integers as floats), so they are refused rather than silently rounded.
+_FLOAT_EXACT_LIMIT = 2.0**53
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:40] + "..."
+        return '"' + text + '"'
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decimal:
+    """Read a protocol decimal: a string ``-?[0-9]+(.[0-9]+)?`` of at most 32
+    characters, or a finite JSON number read by its shortest decimal form.
+
+    Raises ``ProtocolError(BAD_REQUEST)`` naming ``field`` when it is not one,
+    or (with ``positive``) when it is not greater than zero.
+    """
+    kind = "a positive decimal" if positive else "a decimal"
+    if isinstance(value, str):
+        if len(value) > MAX_DECIMAL_CHARS or _DECIMAL_RE.fullmatch(value) is None:
+            raise bad_request(f'{field} must be {kind} string like "12.5", was {_show(value)}')
+        result = Decimal(value)
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"{field} must be {kind}, was {_show(value)}")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad_request(f"{field} must be a finite number, was {_show(value)}")
+        if abs(value) >= _FLOAT_EXACT_LIMIT:
+            raise bad_request(
+                f"{field} is too large to read exactly as a JSON number; "
+                f"send it as a decimal string, was {_show(value)}"
+            )
+        result = Decimal(repr(value))
+        if len(format(result, "f")) > MAX_DECIMAL_CHARS:
+            raise bad_request(f"{field} has more than {MAX_DECIMAL_CHARS} characters")
+    else:
+        if abs(value) >= 10**MAX_DECIMAL_CHARS:
+            raise bad_request(f"{field} has more than {MAX_DECIMAL_CHARS} digits")
+        result = Decimal(value)
+    if positive and result <= ZERO:
+        raise bad_request(f"{field} must be {kind}, was {_show(value)}")
+    return result
+
+
+def format_decimal(value: Decimal) -> str:
+    """The wire form of a decimal: plain digits, no exponent, no trailing zeros."""
+    if not value:
+        return "0"
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def parse_name(value: object, field: str) -> str:
+    """An account or symbol: 1 to 64 characters of ``A-Z a-z 0-9 . _ : / -``."""
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise bad_request(
+            f"{field} must be 1 to 64 characters of A-Z a-z 0-9 . _ : / -, was {_show(value)}"
+        )
+    return value
+
+
+def parse_text(value: object, field: str, *, max_len: int = 512, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"{field} must be a string, was {_show(value)}")
+    if len(value) > max_len:
+        raise bad_request(f"{field} must be at most {max_len} characters, was {len(value)}")
+    if not allow_empty and not value.strip():
+        raise bad_request(f"{field} must not be empty")
+    return value
+
+
+def parse_bool(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise bad_request(f"{field} must be true or false, was {_show(value)}")
+    return value
+
+
+def parse_int(value: object, field: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{field} must be an integer, was {_show(value)}")
+    if minimum is not None and value < minimum:
+        raise bad_request(f"{field} must be at least {minimum}, was {value}")
+    return value
+
+
+def show(value: object) -> str:
+    """A short, safe rendering of a client value for an error message."""
+    return _show(value)
+
+
+def format_time_ms(epoch_ms: int) -> str:
+    """``2026-11-23T20:11:08.123Z`` from milliseconds since the Unix epoch."""
+    seconds, millis = divmod(epoch_ms, 1000)
+    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{millis:03d}Z"
