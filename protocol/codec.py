@@ -7,6 +7,8 @@ server sends; the gateway never builds a frame any other way.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -302,20 +304,139 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
     return rid
 
 
+_NOT_JSON = object()
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson reads as an integer
+
+
+def _wide_int(text: str) -> int | float:
+    # As orjson does: an integer outside 64 bits is read as a float (inf when huge).
+    if len(text) <= 21 and _INT_RANGE[0] <= (value := int(text)) <= _INT_RANGE[1]:
+        return value
+    return float(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads_out_of_range_numbers(frame: bytes | str) -> Any:
+    """Re-read a frame orjson refused, for one case only: a number no double can
+    hold (``1e400``, a 10,000-digit integer). The frame is still JSON, so the
+    number becomes an infinity and the error names its field and keeps the id.
+    Anything else orjson refuses (NaN, lone surrogates, ...) stays not JSON."""
+    try:
+        text = frame if isinstance(frame, str) else bytes(frame).decode("utf-8")
+        obj = json.loads(text, parse_int=_wide_int, parse_constant=_no_constant)
+        orjson.dumps(obj)  # refuses lone surrogates, as orjson.loads did
+    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        return _NOT_JSON
+    return obj
+
+
+# Where a key ends: its closing quote, then a colon. Every key of a JSON object
+# matches once; a string value can only add matches (an escaped quote followed
+# by a colon), never hide a key. So when the parsed tree holds as many keys as
+# the frame has matches, no key was repeated (orjson keeps the last silently).
+_KEY_END = re.compile(rb'"\s*:')
+_KEY_END_TEXT = re.compile(r'"\s*:')
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _count_keys(obj: dict[str, Any]) -> int:
+    # Iterative: orjson accepts 1000 levels of nesting, more than Python's recursion.
+    count = 0
+    stack: list[Any] = [obj]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            count += len(node)
+            node = node.values()
+        for value in node:
+            kind = type(value)
+            if kind is dict or kind is list:
+                push(value)
+    return count
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _ignore_number(_text: str) -> int:
+    return 0
+
+
+def _duplicate_key(frame: bytes | str, obj: dict[str, Any]) -> str | None:
+    """The first repeated key of the frame's objects, or None when there is none.
+
+    Cheap when there is none (one regex scan and a walk over the parsed keys);
+    only a frame whose counts differ is parsed again, key by key.
+    """
+    if isinstance(frame, str):
+        matches = len(_KEY_END_TEXT.findall(frame))
+    else:
+        matches = len(_KEY_END.findall(frame))
+    if matches == _count_keys(obj):
+        return None
+    try:
+        json.loads(
+            frame,
+            object_pairs_hook=_unique_pairs,
+            parse_int=_ignore_number,
+            parse_float=_ignore_number,
+            parse_constant=_ignore_number,
+        )
+    except _DuplicateKey as exc:
+        return exc.key
+    except RecursionError:
+        raise bad_request("frame nests too deeply to be checked for duplicate keys") from None
+    except ValueError:
+        raise bad_request("frame cannot be checked for duplicate keys") from None
+    return None
+
+
+def _duplicate_key_error(key: str, obj: dict[str, Any]) -> ProtocolError:
+    error = bad_request(f"duplicate key {show(key)}")
+    if key != "id":  # a repeated id is ambiguous: answer with a null id
+        try:
+            error.request_id = _request_id(obj)
+        except ProtocolError:
+            pass
+    return error
+
+
 def decode(frame: bytes | str) -> Request:
     """Parse one frame into a ``Request``.
 
     Raises ``ProtocolError``: ``BAD_JSON`` when the frame is not JSON (or not
-    UTF-8), ``BAD_REQUEST`` when the envelope or a parameter is wrong,
+    UTF-8), ``BAD_REQUEST`` when the envelope or a parameter is wrong or an
+    object repeats a key (``duplicate key "NAME"``),
     ``UNKNOWN_METHOD`` for a method the protocol does not have. The error's
     ``request_id`` is the frame's id when it was usable, else ``None``.
     """
     try:
         obj = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+        obj = _loads_out_of_range_numbers(frame)
+        if obj is _NOT_JSON:
+            raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise bad_request(f"a request must be a JSON object, was {show(obj)}")
+    duplicate = _duplicate_key(frame, obj)
+    if duplicate is not None:
+        raise _duplicate_key_error(duplicate, obj)
     rid = _request_id(obj)
     try:
         for key in obj:

@@ -13,11 +13,13 @@ from protocol.codes import ErrorCode
 class ProtocolError(Exception):
     """A request the gateway refuses; answered with ``code`` and ``message``."""
 
-    def __init__(self, code: ErrorCode, message: str, *, request_id: object = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, request_id: int | str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.request_id = request_id
+        self.request_id: int | str | None = request_id
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code.value}, {self.message!r})"

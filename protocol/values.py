@@ -16,6 +16,8 @@ from protocol.errors import bad_request
 
 # Risk math is +, - and * only (the collar compares |p - r| with collar * r), so
 # with enough digits nothing is ever rounded; Inexact traps if that ever changes.
+# It is applied locally (``exact``), never installed as the process's context,
+# so importing the protocol does not change a host program's decimal arithmetic.
 RISK_CONTEXT = decimal.Context(
     prec=120,
     rounding=decimal.ROUND_HALF_EVEN,
@@ -23,11 +25,15 @@ RISK_CONTEXT = decimal.Context(
     Emax=999_999,
     traps=[decimal.InvalidOperation, decimal.Overflow, decimal.Inexact, decimal.DivisionByZero],
 )
-decimal.setcontext(RISK_CONTEXT)
-decimal.DefaultContext.prec = RISK_CONTEXT.prec
-decimal.DefaultContext.traps.update({decimal.Inexact: True})
 
 ZERO = Decimal(0)
+
+
+def exact() -> decimal.Context:
+    """``with localcontext(exact())`` style helper: the context risk math runs in."""
+    return RISK_CONTEXT
+
+
 MAX_DECIMAL_CHARS = 32
 _DECIMAL_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _NAME_RE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
@@ -65,8 +71,9 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"{field} must be {kind}, was {_show(value)}")
     elif isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if value != value:
             raise bad_request(f"{field} must be a finite number, was {_show(value)}")
+        # Also infinities: a JSON number too large for a double (1e400) reads as one.
         if abs(value) >= _FLOAT_EXACT_LIMIT:
             raise bad_request(
                 f"{field} is too large to read exactly as a JSON number; "
@@ -90,7 +97,7 @@ def format_decimal(value: Decimal) -> str:
         return "0"
     if value == value.to_integral_value():
         return str(int(value))
-    return format(value.normalize(), "f")
+    return format(value.normalize(RISK_CONTEXT), "f")
 
 
 def parse_name(value: object, field: str) -> str:

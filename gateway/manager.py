@@ -1,0 +1,1245 @@
+"""``EmergencyManager``: positions, exposure, reservations, emergency modes, limits.
+
+The manager is sync and pure. It takes checked requests and a timestamp
+(milliseconds since the epoch, an input so tests can pin it), changes its
+state in one step, and queues what it produced: journal records
+(``drain_records``) and events for the fan-out (``drain_events``). It never
+awaits, so a check and the reservation that follows it cannot interleave with
+another request: this is what makes concurrent validations unable to pass a
+limit together.
+
+Every state change is a journal record, and the same ``apply_record`` code
+path that recovery uses applies it live, so recovered state equals live state.
+
+Exposure follows PROTOCOL.md section 6: for each account and symbol, with
+position ``p``, mark price ``m`` and live reserved buy/sell quantities ``B``
+and ``S``, the worst case ``w = max(|p + B|, |p - S|)`` and the symbol's gross
+exposure ``w * m``. Totals per account and for the gateway are kept
+incrementally, so a validation costs the same with ten positions or a
+hundred thousand.
+
+For people embedding the manager as a library, the original API lives on:
+``validate_new_position``, ``update_state``, ``is_emergency_mode_active`` and
+``recover_state`` (see ``gateway.embedded``).
+"""
+
+from __future__ import annotations
+
+import decimal
+import functools
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, ParamSpec, TypeVar
+
+from gateway.config import Limits
+from gateway.rules import DEFAULT_RULES, OrderCheck, Rule
+from protocol.codes import AlertCode, AlertLevel, ErrorCode, Mode
+from protocol.errors import ProtocolError, bad_request
+from protocol.messages import (
+    EmergencySet,
+    OrderValidate,
+    PositionSnapshot,
+    PositionUpdate,
+    PriceUpdate,
+)
+from protocol.values import RISK_CONTEXT, ZERO, format_time_ms
+from protocol.values import format_decimal as fmt
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _exact(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a public entry point in the exact decimal context, whatever the
+    caller's own context is (a library host may keep Python's default 28 digits)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with decimal.localcontext(RISK_CONTEXT):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+GATEWAY_ACTOR = "gateway"
+_MODE_RANK = {Mode.NORMAL: 0, Mode.REDUCING: 1, Mode.HALTED: 2}
+_WARNING_FRACTION = Decimal("0.8")
+
+
+def _d(text: str) -> Decimal:
+    return Decimal(text)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModeState:
+    """One emergency mode setting: gateway-wide or for one account."""
+
+    mode: Mode
+    reason: str
+    actor: str
+    since_ms: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode.value,
+            "reason": self.reason,
+            "actor": self.actor,
+            "since": format_time_ms(self.since_ms),
+        }
+
+
+@dataclass(slots=True)
+class SymbolBook:
+    """One account's position in one symbol, with its live reservations."""
+
+    qty: Decimal = ZERO  # p, signed
+    mark: Decimal | None = None  # m: mark price from position updates
+    reserved_buy: Decimal = ZERO  # B
+    reserved_sell: Decimal = ZERO  # S
+    exposure: Decimal = ZERO  # w * m, kept in step with the fields above
+    position_exposure: Decimal = ZERO  # |p| * m
+    reported: bool = False  # a position update or snapshot named this symbol
+
+    def worst(self) -> Decimal:
+        long_side = abs(self.qty + self.reserved_buy)
+        short_side = abs(self.qty - self.reserved_sell)
+        return long_side if long_side >= short_side else short_side
+
+
+@dataclass(slots=True)
+class AccountBook:
+    positions: dict[str, SymbolBook] = field(default_factory=dict)
+    gross: Decimal = ZERO  # sum of SymbolBook.exposure
+    reserved: Decimal = ZERO  # sum of exposure - position_exposure
+    seq: int | None = None
+    stale: bool = False
+    recent_orders: deque[int] = field(default_factory=deque)
+    warned: bool = False  # EXPOSURE_WARNING raised and not yet cleared
+    breached: bool = False  # EXPOSURE_BREACH raised and not yet cleared
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reservation:
+    id: str
+    account: str
+    symbol: str
+    side: str
+    qty: Decimal
+    price: Decimal
+    expires_ms: int
+    client_order_id: str | None
+    cancel_on_disconnect: bool
+    connection: int | None  # live connection that owns it (not persisted)
+    decision: dict[str, Any]  # the accept decision, returned again on an idempotent retry
+
+
+# Events for the fan-out. They carry wire-ready data.
+@dataclass(frozen=True, slots=True)
+class EmergencyChanged:
+    view: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRaised:
+    alert: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureChanged:
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionMade:
+    data: dict[str, Any]
+
+
+Event = EmergencyChanged | AlertRaised | ExposureChanged | DecisionMade
+
+
+class EmergencyManager:
+    """The risk core. See the module docstring for the contract.
+
+    ``config`` is the original embedding API's dict (``max_exposure``,
+    ``emergency_state_file``, any ``[limits]`` key, ``fsync``); the server
+    passes ``limits`` instead. ``rules`` are extra checks run after the built-in
+    ones. ``clock`` returns milliseconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        limits: Limits | None = None,
+        rules: Sequence[Rule] = (),
+        risk_manager: Any = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        import time
+
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.config: dict[str, Any] = dict(config or {})
+        if limits is None:
+            limits = _limits_from_legacy(self.config)
+        self.limits = limits
+        self.limits_version = 1
+        self.file_limits: dict[str, Any] | None = None
+        self.rules: tuple[Rule, ...] = DEFAULT_RULES + tuple(rules)
+        self.risk_manager = (
+            risk_manager if risk_manager is not None else self.config.get("risk_manager")
+        )
+        now = self._clock()
+        self.gateway_mode = ModeState(
+            mode=Mode.NORMAL, reason="", actor=GATEWAY_ACTOR, since_ms=now
+        )
+        self.account_modes: dict[str, ModeState] = {}
+        self.emergency_version = 0
+        self.accounts: dict[str, AccountBook] = {}
+        self.gross_exposure = ZERO
+        self.reference_prices: dict[str, Decimal] = {}
+        self.reservations: dict[str, Reservation] = {}
+        self._by_client_order: dict[tuple[str, str], str] = {}
+        self._expiry_heap: list[tuple[int, str]] = []
+        self._next_reservation = 1
+        self._gateway_breached = False
+        self._gateway_warned = False
+        self._records: list[dict[str, Any]] = []
+        self._events: list[Event] = []
+        self._replaying = False
+        self._committed = False  # applying a record that is already in the journal
+        self._emergency_view: dict[str, Any] | None = None
+        self._limit_strings: tuple[str, str] = (
+            fmt(limits.max_account_exposure),
+            fmt(limits.max_exposure),
+        )
+        # Set by gateway.embedded when the original async API is used.
+        self._embedded: Any = None
+
+    # ------------------------------------------------------------------ outputs
+
+    def drain_records(self) -> list[dict[str, Any]]:
+        """Journal records produced since the last call, in order (each exactly once)."""
+        records, self._records = self._records, []
+        return records
+
+    def drain_events(self) -> list[Event]:
+        """Fan-out events produced since the last call, in order (each exactly once)."""
+        events, self._events = self._events, []
+        return events
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if not self._replaying and not self._committed:
+            self._records.append(record)
+
+    def _event(self, event: Event) -> None:
+        if not self._replaying:
+            self._events.append(event)
+
+    def _alert(
+        self,
+        level: AlertLevel,
+        code: AlertCode,
+        message: str,
+        now_ms: int,
+        *,
+        account: str | None = None,
+        symbol: str | None = None,
+    ) -> None:
+        if self._replaying:
+            return
+        alert: dict[str, Any] = {"level": level.value, "code": code.value, "message": message}
+        if account is not None:
+            alert["account"] = account
+        if symbol is not None:
+            alert["symbol"] = symbol
+        alert["ts"] = format_time_ms(now_ms)
+        self._events.append(AlertRaised(alert))
+
+    def raise_alert(
+        self,
+        level: AlertLevel,
+        code: AlertCode,
+        message: str,
+        *,
+        account: str | None = None,
+        now_ms: int | None = None,
+    ) -> None:
+        """Queue an alert raised outside the manager (by the server or journal)."""
+        self._alert(level, code, message, self._now(now_ms), account=account)
+
+    def _now(self, now_ms: int | None) -> int:
+        return self._clock() if now_ms is None else now_ms
+
+    # ------------------------------------------------------------ emergency
+
+    def emergency_view(self) -> dict[str, Any]:
+        """The EMERGENCY object of the protocol (cached until the next change)."""
+        view = self._emergency_view
+        if view is None:
+            view = self.gateway_mode.to_wire()
+            view["version"] = self.emergency_version
+            view["accounts"] = {a: s.to_wire() for a, s in sorted(self.account_modes.items())}
+            self._emergency_view = view
+        return view
+
+    def mode_of(self, account: str | None) -> Mode:
+        if account is None:
+            return self.gateway_mode.mode
+        state = self.account_modes.get(account)
+        return Mode.NORMAL if state is None else state.mode
+
+    def is_emergency_mode_active(self) -> bool:
+        """True while the gateway-wide mode is not ``normal``."""
+        return self.gateway_mode.mode is not Mode.NORMAL
+
+    def prepare_emergency(
+        self, request: EmergencySet, actor: str, now_ms: int | None = None
+    ) -> dict[str, Any] | None:
+        """The journal record for a mode change, or ``None`` when it changes nothing.
+
+        Nothing is applied: the caller decides the order of durability and
+        application (``is_tightening``), then calls ``apply_record``.
+        """
+        current = self.mode_of(request.account)
+        if current is request.mode:
+            return None
+        return {
+            "t": "emg",
+            "a": request.account,
+            "m": request.mode.value,
+            "r": request.reason,
+            "by": actor,
+            "at": self._now(now_ms),
+            "v": self.emergency_version + 1,
+        }
+
+    def is_tightening(self, record: Mapping[str, Any]) -> bool:
+        """A change towards safety applies at once; one away from it only once durable."""
+        return _MODE_RANK[Mode(record["m"])] > _MODE_RANK[self.mode_of(record["a"])]
+
+    def set_emergency(
+        self, request: EmergencySet, actor: str, now_ms: int | None = None
+    ) -> dict[str, Any]:
+        """Prepare and apply at once (no persistence in between). Returns EMERGENCY."""
+        record = self.prepare_emergency(request, actor, now_ms)
+        if record is not None:
+            self.apply_record(record)
+        return self.emergency_view()
+
+    def _apply_emergency(self, rec: Mapping[str, Any]) -> None:
+        account = rec.get("a")
+        mode = Mode(rec["m"])
+        state = ModeState(mode=mode, reason=rec["r"], actor=rec["by"], since_ms=rec["at"])
+        previous = self.mode_of(account)
+        if account is None:
+            self.gateway_mode = state
+        elif mode is Mode.NORMAL:
+            self.account_modes.pop(account, None)
+        else:
+            self.account_modes[account] = state
+        self.emergency_version = rec["v"]
+        self._emergency_view = None
+        self._record(dict(rec))
+        if self._replaying:
+            return
+        view = self.emergency_view()
+        self._event(EmergencyChanged(view))
+        scope = "gateway" if account is None else f"account {account}"
+        level = (
+            AlertLevel.CRITICAL
+            if mode is Mode.HALTED
+            else AlertLevel.WARNING
+            if mode is Mode.REDUCING
+            else AlertLevel.INFO
+        )
+        text = f"{scope} {previous.value} -> {mode.value} by {state.actor}"
+        if state.reason:
+            text += f": {state.reason}"
+        self._alert(level, AlertCode.EMERGENCY_CHANGED, text, state.since_ms, account=account)
+
+    @_exact
+    def force_halt(self, reason: str, now_ms: int | None = None) -> None:
+        """The gateway halts itself (recovery damage, persistence failure).
+
+        Also when already halted, so that the reason says why it must stay so.
+        The record is queued like any other; when the journal has failed the
+        shell cannot write it, and the change lives in memory only.
+        """
+        if self.gateway_mode.mode is Mode.HALTED and self.gateway_mode.reason == reason:
+            return
+        rec = {
+            "t": "emg",
+            "a": None,
+            "m": Mode.HALTED.value,
+            "r": reason,
+            "by": GATEWAY_ACTOR,
+            "at": self._now(now_ms),
+            "v": self.emergency_version + 1,
+        }
+        self._apply_emergency(rec)
+
+    # ----------------------------------------------------------------- limits
+
+    def limits_view(self) -> dict[str, Any]:
+        return {"version": self.limits_version, "limits": self.limits.to_wire()}
+
+    @_exact
+    def prepare_limits(
+        self,
+        version: int,
+        changes: Mapping[str, Any],
+        actor: str,
+        now_ms: int | None = None,
+        *,
+        from_file: bool = False,
+    ) -> dict[str, Any] | None:
+        """The journal record for a limits change (``None`` if nothing changes).
+
+        Raises ``ProtocolError(CONFLICT)`` when ``version`` is not current and
+        ``ProtocolError(BAD_REQUEST)`` naming the key when a value is wrong.
+        """
+        from gateway.config import ConfigError
+
+        if version != self.limits_version:
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                f"params.version is {version} but the limits are at version "
+                f"{self.limits_version}; read them again with limits.get",
+            )
+        try:
+            new = Limits.from_mapping(changes, where="params.limits", base=self.limits)
+        except ConfigError as exc:
+            raise bad_request(str(exc)) from None
+        except ProtocolError as exc:
+            raise bad_request(exc.message) from None
+        wire = new.to_wire()
+        rec: dict[str, Any] = {
+            "t": "lim",
+            "v": self.limits_version + 1,
+            "limits": wire,
+            "by": actor,
+            "at": self._now(now_ms),
+        }
+        if from_file:
+            rec["file"] = wire
+        if wire == self.limits.to_wire():
+            if from_file and self.file_limits != wire:
+                return rec
+            return None
+        return rec
+
+    @_exact
+    def adopt_file_limits(self, limits: Limits, now_ms: int | None = None) -> None:
+        """First start on a fresh state directory: the config file's limits are
+        version 1, recorded without an alert (nothing changed)."""
+        wire = limits.to_wire()
+        rec = {"t": "lim", "v": 1, "limits": wire, "by": "config", "at": self._now(now_ms)}
+        rec["file"] = wire
+        self._replaying = True
+        try:
+            self._apply_limits(rec)
+        finally:
+            self._replaying = False
+        self._records.append(rec)
+
+    def _apply_limits(self, rec: Mapping[str, Any]) -> None:
+        self.limits = Limits.from_mapping(rec["limits"], where="journal limits")
+        self.limits_version = rec["v"]
+        if "file" in rec:
+            self.file_limits = rec["file"]
+        self._limit_strings = (
+            fmt(self.limits.max_account_exposure),
+            fmt(self.limits.max_exposure),
+        )
+        self._record(dict(rec))
+        if not self._replaying:
+            self._alert(
+                AlertLevel.WARNING,
+                AlertCode.LIMITS_CHANGED,
+                f"limits changed to version {self.limits_version} by {rec['by']}",
+                rec["at"],
+            )
+            for account in self.accounts:
+                self._event(ExposureChanged(account))
+            self._check_thresholds(None, rec["at"], allow_auto_reduce=False)
+
+    # ------------------------------------------------------------- positions
+
+    def _book(self, account: str) -> AccountBook:
+        book = self.accounts.get(account)
+        if book is None:
+            book = self.accounts[account] = AccountBook()
+        return book
+
+    def _reprice(self, book: AccountBook, sym: SymbolBook) -> None:
+        """Bring the cached exposures of one symbol and its totals in step."""
+        mark = sym.mark
+        if mark is None:
+            exposure = position_exposure = ZERO
+        else:
+            exposure = sym.worst() * mark
+            position_exposure = abs(sym.qty) * mark
+        delta = exposure - sym.exposure
+        if delta:
+            book.gross += delta
+            self.gross_exposure += delta
+        reserved_delta = (exposure - position_exposure) - (sym.exposure - sym.position_exposure)
+        if reserved_delta:
+            book.reserved += reserved_delta
+        sym.exposure = exposure
+        sym.position_exposure = position_exposure
+
+    @_exact
+    def update_position(self, u: PositionUpdate, now_ms: int | None = None) -> dict[str, Any]:
+        """``position.update``: set the absolute position. Never rejected for risk.
+
+        Raises ``ProtocolError(BAD_REQUEST)`` only when ``release`` names a
+        reservation of another account.
+        """
+        now = self._now(now_ms)
+        self.expire_reservations(now)
+        released: bool | None = None
+        if u.release is not None:
+            res = self.reservations.get(u.release)
+            if res is not None and res.account != u.account:
+                raise bad_request(f"params.release {u.release} is a reservation of another account")
+            released = res is not None
+        rec: dict[str, Any] = {
+            "t": "pos",
+            "a": u.account,
+            "s": u.symbol,
+            "q": fmt(u.qty),
+            "p": fmt(u.price),
+            "ts": now,
+        }
+        if u.seq is not None:
+            rec["seq"] = u.seq
+        if released:
+            rec["rel"] = u.release
+        self._apply_position(rec, u.qty, u.price)
+        book = self.accounts[u.account]
+        result: dict[str, Any] = {
+            "account": u.account,
+            "symbol": u.symbol,
+            "qty": rec["q"],
+            "price": rec["p"],
+            "exposure": fmt(book.gross),
+        }
+        if released is not None:
+            result["released"] = released
+        self._check_thresholds(u.account, now, allow_auto_reduce=True)
+        return result
+
+    def _apply_position(self, rec: Mapping[str, Any], qty: Decimal, price: Decimal) -> None:
+        account = rec["a"]
+        book = self._book(account)
+        seq = rec.get("seq")
+        if seq is not None:
+            last = book.seq
+            if last is not None and seq != last + 1 and seq != last and not book.stale:
+                book.stale = True
+                self._alert(
+                    AlertLevel.WARNING,
+                    AlertCode.POSITION_SEQ_GAP,
+                    f"account {account}: position seq {seq} after {last}; "
+                    "validations rejected until position.snapshot",
+                    rec["ts"],
+                    account=account,
+                    symbol=rec["s"],
+                )
+            book.seq = seq
+        release = rec.get("rel")
+        if release is not None:
+            res = self.reservations.get(release)
+            if res is not None:
+                self._drop_reservation(res)
+        sym = book.positions.get(rec["s"])
+        if sym is None:
+            sym = book.positions[rec["s"]] = SymbolBook()
+        sym.qty = qty
+        sym.mark = price
+        sym.reported = True
+        self._reprice(book, sym)
+        self.reference_prices[rec["s"]] = price
+        self._record(rec)  # type: ignore[arg-type]
+        self._event(ExposureChanged(account))
+
+    @_exact
+    def snapshot_positions(self, s: PositionSnapshot, now_ms: int | None = None) -> dict[str, Any]:
+        """``position.snapshot``: replace every position of the account, clear stale."""
+        now = self._now(now_ms)
+        self.expire_reservations(now)
+        rec: dict[str, Any] = {
+            "t": "psnap",
+            "a": s.account,
+            "pos": [[e.symbol, fmt(e.qty), fmt(e.price)] for e in s.positions],
+            "ts": now,
+        }
+        if s.seq is not None:
+            rec["seq"] = s.seq
+        self._apply_position_snapshot(rec)
+        book = self.accounts[s.account]
+        self._check_thresholds(s.account, now, allow_auto_reduce=True)
+        return {
+            "account": s.account,
+            "positions": [{"symbol": e[0], "qty": e[1], "price": e[2]} for e in rec["pos"]],
+            "exposure": fmt(book.gross),
+        }
+
+    def _apply_position_snapshot(self, rec: Mapping[str, Any]) -> None:
+        book = self._book(rec["a"])
+        named = set()
+        for symbol, qty, price in rec["pos"]:
+            named.add(symbol)
+            sym = book.positions.get(symbol)
+            if sym is None:
+                sym = book.positions[symbol] = SymbolBook()
+            sym.qty = _d(qty)
+            sym.mark = _d(price)
+            sym.reported = True
+            self._reprice(book, sym)
+            self.reference_prices[symbol] = sym.mark
+        for symbol, sym in list(book.positions.items()):
+            if symbol in named:
+                continue
+            if sym.reserved_buy or sym.reserved_sell:
+                sym.qty = ZERO
+                self._reprice(book, sym)
+            else:
+                self._reprice_to_zero(book, sym)
+                del book.positions[symbol]
+        book.stale = False
+        if "seq" in rec:
+            book.seq = rec["seq"]
+        self._record(dict(rec))
+        self._event(ExposureChanged(rec["a"]))
+
+    def _reprice_to_zero(self, book: AccountBook, sym: SymbolBook) -> None:
+        sym.qty = ZERO
+        sym.mark = None
+        self._reprice(book, sym)
+
+    @_exact
+    def update_price(self, u: PriceUpdate, now_ms: int | None = None) -> dict[str, Any]:
+        """``price.update``: the reference price of a symbol, used by the price collar."""
+        rec = {"t": "px", "s": u.symbol, "p": fmt(u.price), "ts": self._now(now_ms)}
+        self.reference_prices[u.symbol] = u.price
+        self._record(rec)
+        return {"symbol": u.symbol, "price": rec["p"]}
+
+    # ---------------------------------------------------------- reservations
+
+    def _add_reservation(self, res: Reservation) -> None:
+        book = self._book(res.account)
+        sym = book.positions.get(res.symbol)
+        if sym is None:
+            sym = book.positions[res.symbol] = SymbolBook()
+        if sym.mark is None:
+            # No position yet: value the reservation at the reference price if
+            # one exists, else at the order's own price.
+            sym.mark = self.reference_prices.get(res.symbol, res.price)
+        if res.side == "buy":
+            sym.reserved_buy += res.qty
+        else:
+            sym.reserved_sell += res.qty
+        self._reprice(book, sym)
+        self.reservations[res.id] = res
+        if res.client_order_id is not None:
+            self._by_client_order[(res.account, res.client_order_id)] = res.id
+        heapq.heappush(self._expiry_heap, (res.expires_ms, res.id))
+        number = int(res.id[1:]) if res.id[1:].isdigit() else 0
+        if number >= self._next_reservation:
+            self._next_reservation = number + 1
+
+    def _drop_reservation(self, res: Reservation) -> None:
+        del self.reservations[res.id]
+        if res.client_order_id is not None:
+            self._by_client_order.pop((res.account, res.client_order_id), None)
+        book = self.accounts[res.account]
+        sym = book.positions[res.symbol]
+        if res.side == "buy":
+            sym.reserved_buy -= res.qty
+        else:
+            sym.reserved_sell -= res.qty
+        if not sym.reported and not sym.reserved_buy and not sym.reserved_sell:
+            self._reprice_to_zero(book, sym)
+            del book.positions[res.symbol]
+        else:
+            self._reprice(book, sym)
+        self._event(ExposureChanged(res.account))
+
+    @_exact
+    def release_reservation(
+        self, reservation_id: str, why: str = "released", now_ms: int | None = None
+    ) -> Reservation | None:
+        """Free a live reservation; ``None`` if it does not exist (or already expired)."""
+        now = self._now(now_ms)
+        self.expire_reservations(now)
+        res = self.reservations.get(reservation_id)
+        if res is None:
+            return None
+        self.apply_record({"t": "rel", "id": reservation_id, "why": why, "ts": now})
+        return res
+
+    @_exact
+    def release_connection(self, connection: int, now_ms: int | None = None) -> int:
+        """Release every reservation a closed connection made with cancel_on_disconnect."""
+        now = self._now(now_ms)
+        owned = [
+            r.id
+            for r in self.reservations.values()
+            if r.connection == connection and r.cancel_on_disconnect
+        ]
+        for rid in owned:
+            self.apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
+        return len(owned)
+
+    @_exact
+    def expire_reservations(self, now_ms: int) -> None:
+        """Release every reservation whose time is up (O(1) when none is)."""
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now_ms:
+            expires, rid = heapq.heappop(heap)
+            res = self.reservations.get(rid)
+            if res is not None and res.expires_ms == expires:
+                self.apply_record({"t": "rel", "id": rid, "why": "expired", "ts": now_ms})
+
+    # ------------------------------------------------------------ validation
+
+    @_exact
+    def validate(
+        self,
+        order: OrderValidate,
+        now_ms: int | None = None,
+        *,
+        connection: int | None = None,
+        cancel_on_disconnect: bool = False,
+    ) -> dict[str, Any]:
+        """``order.validate``: the DECISION object. Check and reservation are one step."""
+        now = self._clock() if now_ms is None else now_ms
+        heap = self._expiry_heap
+        if heap and heap[0][0] <= now:
+            self.expire_reservations(now)
+        account = order.account
+        if order.reserve and order.client_order_id is not None:
+            rid = self._by_client_order.get((account, order.client_order_id))
+            if rid is not None:
+                again = dict(self.reservations[rid].decision)
+                again["exposure"] = self._exposure_summary(self.accounts[account])
+                return again
+        book = self.accounts.get(account)
+        if book is None:
+            book = self._book(account)
+        recent = book.recent_orders
+        recent.append(now)
+        horizon = now - 1000
+        while recent[0] <= horizon:
+            recent.popleft()
+        sym = book.positions.get(order.symbol)
+        if sym is None:
+            p = b = s = ZERO
+            worst_now = ZERO
+        else:
+            p, b, s = sym.qty, sym.reserved_buy, sym.reserved_sell
+            worst_now = sym.worst()
+        qty = order.qty
+        if order.side == "buy":
+            long_side = abs(p + b + qty)
+            short_side = abs(p - s)
+            reduces = p < 0 and qty + b <= -p
+        else:
+            long_side = abs(p + b)
+            short_side = abs(p - s - qty)
+            reduces = p > 0 and qty + s <= p
+        worst_after = long_side if long_side >= short_side else short_side
+        delta = (worst_after - worst_now) * order.price
+        account_mode = self.account_modes.get(account)
+        limits = self.limits
+        check = OrderCheck(
+            account=account,
+            symbol=order.symbol,
+            side=order.side,
+            qty=qty,
+            price=order.price,
+            position=p,
+            reserved_buy=b,
+            reserved_sell=s,
+            worst_after=worst_after,
+            account_exposure_after=book.gross + delta,
+            gateway_exposure_after=self.gross_exposure + delta,
+            reduces=reduces,
+            gateway_mode=self.gateway_mode.mode,
+            account_mode=Mode.NORMAL if account_mode is None else account_mode.mode,
+            limits=limits,
+            symbol_limits=limits.for_symbol(order.symbol),
+            reference_price=self.reference_prices.get(order.symbol),
+            orders_last_second=len(recent),
+            stale=book.stale,
+        )
+        reasons = []
+        for rule in self.rules:
+            failed = rule(check)
+            if failed is not None:
+                reasons.append({"code": str(failed[0]), "message": failed[1]})
+        accepted = not reasons
+        rec: dict[str, Any] = {
+            "t": "dec",
+            "a": account,
+            "s": order.symbol,
+            "side": order.side,
+            "q": fmt(qty),
+            "p": fmt(order.price),
+            "d": "accept" if accepted else "reject",
+            "r": [r["code"] for r in reasons],
+            "ts": now,
+        }
+        reservation_id = None
+        expires_at = None
+        if order.reserve:
+            rec["reserve"] = True
+            if order.client_order_id is not None:
+                rec["coid"] = order.client_order_id
+            if accepted:
+                reservation_id = f"R{self._next_reservation}"
+                expires_ms = now + limits.reservation_ttl_ms
+                expires_at = format_time_ms(expires_ms)
+                rec["rid"] = reservation_id
+                rec["exp"] = expires_ms
+                rec["ev"] = self.emergency_version
+                rec["lv"] = self.limits_version
+                if cancel_on_disconnect:
+                    rec["cod"] = True
+        decision = {
+            "decision": rec["d"],
+            "reasons": reasons,
+            "reservation_id": reservation_id,
+            "expires_at": expires_at,
+            "exposure": None,
+            "emergency_version": self.emergency_version,
+            "limits_version": self.limits_version,
+        }
+        if reservation_id is not None:
+            self._apply_decision(rec, decision, connection)
+            # A reservation valued at its mark can cross 80% of a limit too.
+            self._check_thresholds(account, now, allow_auto_reduce=False)
+        else:
+            self._record(rec)
+        decision["exposure"] = self._exposure_summary(book)
+        if not self._replaying:
+            data = dict(decision)
+            data.update(
+                account=account,
+                symbol=order.symbol,
+                side=order.side,
+                qty=rec["q"],
+                price=rec["p"],
+                ts=format_time_ms(now),
+            )
+            self._events.append(DecisionMade(data))
+        return decision
+
+    def _exposure_summary(self, book: AccountBook) -> dict[str, str]:
+        return {
+            "account": fmt(book.gross),
+            "account_limit": self._limit_strings[0],
+            "global": fmt(self.gross_exposure),
+            "global_limit": self._limit_strings[1],
+        }
+
+    def _apply_decision(
+        self,
+        rec: Mapping[str, Any],
+        decision: dict[str, Any] | None = None,
+        connection: int | None = None,
+    ) -> None:
+        """A decision record; only an accepted reservation changes state."""
+        # validate() opens the account's book (its rate window lives there), so
+        # replay must too, or recovered STATE would lack accounts live STATE has.
+        self._book(rec["a"])
+        rid = rec.get("rid")
+        if rid is not None:
+            if decision is None:
+                decision = _decision_from_record(rec)
+            res = Reservation(
+                id=rid,
+                account=rec["a"],
+                symbol=rec["s"],
+                side=rec["side"],
+                qty=_d(rec["q"]),
+                price=_d(rec["p"]),
+                expires_ms=rec["exp"],
+                client_order_id=rec.get("coid"),
+                cancel_on_disconnect=bool(rec.get("cod")),
+                connection=connection,
+                decision=decision,
+            )
+            self._add_reservation(res)
+            self._event(ExposureChanged(res.account))
+        self._record(rec)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------- alerts on limits
+
+    def _check_thresholds(
+        self, account: str | None, now_ms: int, *, allow_auto_reduce: bool
+    ) -> None:
+        """Raise EXPOSURE_WARNING / EXPOSURE_BREACH on crossing, and auto-reduce."""
+        if self._replaying:
+            return
+        limits = self.limits
+        accounts: Iterable[str] = self.accounts if account is None else (account,)
+        for name in accounts:
+            book = self.accounts[name]
+            limit = limits.max_account_exposure
+            over = book.gross > limit
+            near = book.gross >= limit * _WARNING_FRACTION
+            if over and not book.breached:
+                self._alert(
+                    AlertLevel.CRITICAL,
+                    AlertCode.EXPOSURE_BREACH,
+                    f"account {name} gross exposure {fmt(book.gross)} over limit {fmt(limit)}",
+                    now_ms,
+                    account=name,
+                )
+            elif near and not over and not book.warned:
+                self._alert(
+                    AlertLevel.WARNING,
+                    AlertCode.EXPOSURE_WARNING,
+                    f"account {name} gross exposure {fmt(book.gross)} is 80% or more of "
+                    f"limit {fmt(limit)}",
+                    now_ms,
+                    account=name,
+                )
+            book.breached = over
+            book.warned = near
+        limit = limits.max_exposure
+        gross = self.gross_exposure
+        over = gross > limit
+        near = gross >= limit * _WARNING_FRACTION
+        if over and not self._gateway_breached:
+            self._alert(
+                AlertLevel.CRITICAL,
+                AlertCode.EXPOSURE_BREACH,
+                f"gateway gross exposure {fmt(gross)} over max_exposure {fmt(limit)}",
+                now_ms,
+            )
+        elif near and not over and not self._gateway_warned:
+            self._alert(
+                AlertLevel.WARNING,
+                AlertCode.EXPOSURE_WARNING,
+                f"gateway gross exposure {fmt(gross)} is 80% or more of max_exposure {fmt(limit)}",
+                now_ms,
+            )
+        self._gateway_breached = over
+        self._gateway_warned = near
+        if (
+            over
+            and allow_auto_reduce
+            and limits.auto_reduce_on_breach
+            and self.gateway_mode.mode is Mode.NORMAL
+        ):
+            self.apply_record(
+                {
+                    "t": "emg",
+                    "a": None,
+                    "m": Mode.REDUCING.value,
+                    "r": f"gross exposure {fmt(gross)} over max_exposure {fmt(limit)}",
+                    "by": GATEWAY_ACTOR,
+                    "at": now_ms,
+                    "v": self.emergency_version + 1,
+                }
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    @_exact
+    def state_view(self, accounts: Iterable[str] | None = None) -> dict[str, Any]:
+        """The STATE object; ``accounts`` limits it (a trader sees only its own)."""
+        names = sorted(self.accounts) if accounts is None else sorted(accounts)
+        out: dict[str, Any] = {}
+        for name in names:
+            book = self.accounts.get(name)
+            if book is None:
+                continue
+            out[name] = {
+                "positions": {
+                    symbol: {"qty": fmt(sym.qty), "price": fmt(sym.mark)}
+                    for symbol, sym in sorted(book.positions.items())
+                    if sym.reported and sym.mark is not None
+                },
+                "gross_exposure": fmt(book.gross),
+                "reserved_exposure": fmt(book.reserved),
+                "stale": book.stale,
+            }
+        return {
+            "emergency": self.emergency_view(),
+            "accounts": out,
+            "gross_exposure": fmt(self.gross_exposure),
+            "limits_version": self.limits_version,
+        }
+
+    @_exact
+    def exposure_of(self, account: str) -> dict[str, Any]:
+        """One ``exposure`` channel entry."""
+        book = self.accounts.get(account)
+        gross = ZERO if book is None else book.gross
+        return {
+            "account": account,
+            "gross": fmt(gross),
+            "limit": self._limit_strings[0],
+            "global": fmt(self.gross_exposure),
+            "global_limit": self._limit_strings[1],
+        }
+
+    @_exact
+    def recompute_exposure(self) -> tuple[Decimal, dict[str, Decimal]]:
+        """Gross exposure from scratch (gateway, per account): a check on the cache."""
+        per_account: dict[str, Decimal] = {}
+        for name, book in self.accounts.items():
+            total = ZERO
+            for sym in book.positions.values():
+                if sym.mark is not None:
+                    total += sym.worst() * sym.mark
+            per_account[name] = total
+        return sum(per_account.values(), ZERO), per_account
+
+    # ------------------------------------------------------ records, snapshot
+
+    @_exact
+    def apply_record(self, rec: Mapping[str, Any]) -> None:
+        """Apply one journal record (live changes and recovery share this path)."""
+        kind = rec["t"]
+        if kind == "pos":
+            self._apply_position(rec, _d(rec["q"]), _d(rec["p"]))
+        elif kind == "psnap":
+            self._apply_position_snapshot(rec)
+        elif kind == "px":
+            self.reference_prices[rec["s"]] = _d(rec["p"])
+            self._record(dict(rec))
+        elif kind == "dec":
+            self._apply_decision(rec)
+        elif kind == "rel":
+            res = self.reservations.get(rec["id"])
+            if res is not None:
+                self._drop_reservation(res)
+            self._record(dict(rec))
+        elif kind == "emg":
+            self._apply_emergency(rec)
+        elif kind == "lim":
+            self._apply_limits(rec)
+        elif kind == "boot":
+            self._record(dict(rec))
+        else:
+            raise ValueError(f"unknown journal record type {kind!r}")
+
+    @_exact
+    def apply_committed(self, rec: Mapping[str, Any]) -> None:
+        """Apply a record the caller already made durable (changes away from
+        safety are journaled first, applied second): events and alerts are
+        produced, no journal record is queued again."""
+        self._committed = True
+        try:
+            self.apply_record(rec)
+        finally:
+            self._committed = False
+
+    @_exact
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Apply recovered records without alerts, events or new records."""
+        self._replaying = True
+        count = 0
+        try:
+            for rec in records:
+                self.apply_record(rec)
+                count += 1
+        finally:
+            self._replaying = False
+        return count
+
+    @_exact
+    def snapshot(self) -> dict[str, Any]:
+        """The whole durable state as one JSON-able dict (``load_snapshot`` reads it)."""
+        return {
+            "format": 1,
+            "limits": self.limits.to_wire(),
+            "limits_version": self.limits_version,
+            "file_limits": self.file_limits,
+            "emergency": {
+                "gateway": _mode_to_record(self.gateway_mode),
+                "accounts": {a: _mode_to_record(s) for a, s in self.account_modes.items()},
+                "version": self.emergency_version,
+            },
+            "accounts": {
+                name: {
+                    "seq": book.seq,
+                    "stale": book.stale,
+                    "positions": [
+                        [symbol, fmt(sym.qty), fmt(sym.mark)]
+                        for symbol, sym in book.positions.items()
+                        if sym.reported and sym.mark is not None
+                    ],
+                    # Symbols held only by reservations keep the mark they were
+                    # valued at, which the reference price may since have left.
+                    "marks": {
+                        symbol: fmt(sym.mark)
+                        for symbol, sym in book.positions.items()
+                        if not sym.reported and sym.mark is not None
+                    },
+                }
+                for name, book in self.accounts.items()
+            },
+            "prices": {s: fmt(p) for s, p in self.reference_prices.items()},
+            "reservations": [
+                {
+                    "rid": r.id,
+                    "a": r.account,
+                    "s": r.symbol,
+                    "side": r.side,
+                    "q": fmt(r.qty),
+                    "p": fmt(r.price),
+                    "exp": r.expires_ms,
+                    "coid": r.client_order_id,
+                    "cod": r.cancel_on_disconnect,
+                    "decision": r.decision,
+                }
+                for r in self.reservations.values()
+            ],
+            "next_reservation": self._next_reservation,
+        }
+
+    @_exact
+    def load_snapshot(self, snap: Mapping[str, Any]) -> None:
+        """Replace the whole state with a ``snapshot()`` dict."""
+        self.limits = Limits.from_mapping(snap["limits"], where="snapshot limits")
+        self.limits_version = snap["limits_version"]
+        self.file_limits = snap.get("file_limits")
+        self._limit_strings = (
+            fmt(self.limits.max_account_exposure),
+            fmt(self.limits.max_exposure),
+        )
+        emergency = snap["emergency"]
+        self.gateway_mode = _mode_from_record(emergency["gateway"])
+        self.account_modes = {a: _mode_from_record(s) for a, s in emergency["accounts"].items()}
+        self.emergency_version = emergency["version"]
+        self._emergency_view = None
+        self.accounts = {}
+        self.gross_exposure = ZERO
+        for name, data in snap["accounts"].items():
+            book = self._book(name)
+            book.seq = data["seq"]
+            book.stale = data["stale"]
+            for symbol, qty, price in data["positions"]:
+                sym = book.positions[symbol] = SymbolBook(
+                    qty=_d(qty), mark=_d(price), reported=True
+                )
+                self._reprice(book, sym)
+            for symbol, mark in data.get("marks", {}).items():
+                book.positions[symbol] = SymbolBook(mark=_d(mark))
+        self.reference_prices = {s: _d(p) for s, p in snap["prices"].items()}
+        self.reservations = {}
+        self._by_client_order = {}
+        self._expiry_heap = []
+        self._replaying = True
+        try:
+            for r in snap["reservations"]:
+                rec = dict(r)
+                decision = rec.pop("decision")
+                self._apply_decision(rec, decision)
+        finally:
+            self._replaying = False
+        self._next_reservation = max(self._next_reservation, snap["next_reservation"])
+
+    @_exact
+    def release_orphaned_reservations(self, now_ms: int | None = None) -> int:
+        """After a restart, reservations made with cancel_on_disconnect have lost
+        their connection: release them, as a disconnect would have."""
+        now = self._now(now_ms)
+        orphaned = [r.id for r in self.reservations.values() if r.cancel_on_disconnect]
+        for rid in orphaned:
+            self.apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
+        return len(orphaned)
+
+    # -------------------------------------------- the original embedding API
+
+    async def validate_new_position(self, symbol: str, size: Any, price: Any) -> dict[str, Any]:
+        """Original API: may the default account add ``size`` (signed) at ``price``?
+
+        Returns ``{'status': 'success'}`` (the position is then recorded) or
+        ``{'status': 'error', 'error': MESSAGE, 'code': CODE}``.
+        """
+        from gateway.embedded import validate_new_position
+
+        return await validate_new_position(self, symbol, size, price)
+
+    async def update_state(self, emergency_mode: bool, reason: str = "") -> None:
+        """Original API: halt (True) or reopen (False) the gateway, durably."""
+        from gateway.embedded import update_state
+
+        await update_state(self, emergency_mode, reason)
+
+    async def recover_state(self) -> None:
+        """Original API: load the state directory (``emergency_state_file``).
+
+        A missing directory starts ``normal``; a damaged one starts ``halted``.
+        """
+        from gateway.embedded import recover_state
+
+        await recover_state(self)
+
+    async def close(self) -> None:
+        """Flush and close the embedded journal, if any (writes a snapshot)."""
+        from gateway.embedded import close
+
+        await close(self)
+
+    async def __aenter__(self) -> EmergencyManager:
+        await self.recover_state()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _mode_to_record(state: ModeState) -> dict[str, Any]:
+    return {"m": state.mode.value, "r": state.reason, "by": state.actor, "at": state.since_ms}
+
+
+def _mode_from_record(rec: Mapping[str, Any]) -> ModeState:
+    return ModeState(mode=Mode(rec["m"]), reason=rec["r"], actor=rec["by"], since_ms=rec["at"])
+
+
+def _decision_from_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "decision": "accept",
+        "reasons": [],
+        "reservation_id": rec["rid"],
+        "expires_at": format_time_ms(rec["exp"]),
+        "exposure": None,
+        "emergency_version": rec.get("ev"),
+        "limits_version": rec.get("lv"),
+    }
+
+
+_LEGACY_KEYS = frozenset({"emergency_state_file", "state_dir", "fsync", "risk_manager", "account"})
+
+
+def _limits_from_legacy(config: Mapping[str, Any]) -> Limits:
+    """Limits from the original dict config: ``max_exposure`` plus any [limits] key.
+
+    The original had one total limit, so ``max_account_exposure`` follows
+    ``max_exposure`` unless given.
+    """
+    from gateway.config import ConfigError
+
+    values = {k: v for k, v in config.items() if k not in _LEGACY_KEYS}
+    if "max_exposure" in values and "max_account_exposure" not in values:
+        values["max_account_exposure"] = values["max_exposure"]
+    for key, value in list(values.items()):
+        if isinstance(value, Decimal):
+            values[key] = str(value)
+    try:
+        return Limits.from_mapping(values, where="config")
+    except ProtocolError as exc:
+        raise ConfigError(exc.message) from None
