@@ -1,0 +1,184 @@
+"""The durable shell around an ``EmergencyManager``: lock, recovery, journal.
+
+Start-up and crash recovery are one code path (``Store.open``): take the lock
+on the state directory, load the newest valid snapshot, replay the journal
+after it, and only then let anything be served. Damage that recovery cannot
+explain away (a bad record with good ones after it, an unreadable snapshot)
+starts the gateway ``halted`` with a critical alert; a fresh directory starts
+``normal``.
+
+At run time ``commit`` hands the manager's queued records to the journal and
+returns the sequence number to wait on before answering.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.journal import (
+    Journal,
+    PersistenceError,
+    Recovered,
+    StateLock,
+    lock_state_dir,
+    recover,
+)
+from gateway.manager import EmergencyManager
+from protocol.codes import AlertCode, AlertLevel
+
+log = logging.getLogger("gateway.store")
+
+FsyncPolicy = str
+
+
+class Store:
+    """Owns one state directory for one manager. Call ``open``, then ``start``."""
+
+    def __init__(
+        self,
+        manager: EmergencyManager,
+        state_dir: Path,
+        *,
+        fsync: str = "always",
+        fsync_interval_ms: int = 100,
+        snapshot_every: int = 100_000,
+        on_failure: Callable[[PersistenceError], None] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.state_dir = Path(state_dir)
+        self.fsync = fsync
+        self.fsync_interval_ms = fsync_interval_ms
+        self.snapshot_every = snapshot_every
+        self._on_failure = on_failure
+        self._lock: StateLock | None = None
+        self.journal: Journal | None = None
+        self.recovered: Recovered | None = None
+        self.recovery_seconds = 0.0
+        self.replayed = 0
+
+    def open(self) -> Recovered:
+        """Lock the directory and rebuild the manager's state from it (sync).
+
+        Raises ``StateDirLocked`` when another gateway holds the directory.
+        """
+        started = time.perf_counter()
+        self._lock = lock_state_dir(self.state_dir)
+        recovered = recover(self.state_dir, repair=True)
+        manager = self.manager
+        if recovered.snapshot is not None:
+            manager.load_snapshot(recovered.snapshot)
+        self.replayed = manager.replay(payload for _, payload in recovered.records)
+        self.recovered = recovered
+        self.recovery_seconds = time.perf_counter() - started
+        damage = recovered.damage
+        if damage is not None:
+            self._keep_evidence(damage.file)
+            reason = f"recovery found damage in {damage.describe()}; state is as of seq " + str(
+                recovered.last_seq
+            )
+            log.critical("starting halted: %s", reason)
+            manager.force_halt(reason)
+            manager.raise_alert(AlertLevel.CRITICAL, AlertCode.PERSISTENCE_FAILURE, reason)
+        if recovered.torn_tail is not None:
+            log.warning("dropped a torn last record: %s", recovered.torn_tail.describe())
+        manager.release_orphaned_reservations()
+        manager.expire_reservations(manager._now(None))
+        return recovered
+
+    def _keep_evidence(self, name: str) -> None:
+        """Copy a damaged file aside before the journal's clean-up can remove it."""
+        source = self.state_dir / name
+        if not source.is_file():
+            return
+        target_dir = self.state_dir / "damaged"
+        target_dir.mkdir(exist_ok=True)
+        target = target_dir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            shutil.copy2(source, target)
+        except OSError as exc:  # evidence is nice to have; halting does not depend on it
+            log.error("could not copy damaged file %s aside: %s", source, exc)
+
+    async def start(self) -> None:
+        """Start the journal writer and make the recovery's own records durable.
+
+        After damage, a snapshot is written at once so that the next start
+        recovers the same (halted) state without meeting the damage again; the
+        damaged file stays in ``STATE_DIR/damaged/``.
+        """
+        assert self.recovered is not None, "call open() first"
+        journal = Journal(
+            self.state_dir,
+            self.recovered,
+            fsync=self.fsync,  # type: ignore[arg-type]
+            fsync_interval_ms=self.fsync_interval_ms,
+            snapshot_every=self.snapshot_every,
+            snapshot_source=self.manager.snapshot,
+            on_failure=self._failed,
+        )
+        self.journal = journal
+        await journal.start()
+        seq = self.commit()
+        if seq:
+            await journal.synced(seq)
+        if self.recovered.damage is not None:
+            await journal.snapshot_now()
+
+    def _failed(self, error: PersistenceError) -> None:
+        log.critical("persistence failed: %s", error)
+        self.manager.force_halt(f"persistence failure: {error}")
+        self.manager.raise_alert(
+            AlertLevel.CRITICAL,
+            AlertCode.PERSISTENCE_FAILURE,
+            f"journal write failed, gateway halted: {error}",
+        )
+        # Nothing more can be written: drop what the halt queued for the journal.
+        self.manager.drain_records()
+        if self._on_failure is not None:
+            self._on_failure(error)
+
+    @property
+    def failed(self) -> PersistenceError | None:
+        return None if self.journal is None else self.journal.failed
+
+    def commit(self) -> int:
+        """Append the manager's queued records; the seq of the last one (0: none).
+
+        Raises ``PersistenceError`` when the journal has failed.
+        """
+        records = self.manager.drain_records()
+        journal = self.journal
+        if journal is None:
+            return 0
+        seq = 0
+        append = journal.append
+        for rec in records:
+            seq = append(rec)
+        return seq
+
+    async def durable(self, seq: int) -> None:
+        if seq and self.journal is not None:
+            await self.journal.durable(seq)
+
+    async def synced(self, seq: int) -> None:
+        if seq and self.journal is not None:
+            await self.journal.synced(seq)
+
+    async def close(self, *, snapshot: bool = True) -> None:
+        """Flush, fsync, snapshot (unless failed), and release the lock."""
+        try:
+            if self.journal is not None:
+                if self.manager._records and self.journal.failed is None:
+                    self.commit()
+                await self.journal.close(snapshot=snapshot and self.journal.failed is None)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def stats(self) -> dict[str, Any]:
+        return {} if self.journal is None else dict(self.journal.stats)

@@ -1,0 +1,900 @@
+"""Journal behaviour on a real file system: round trips, snapshots, torn tails,
+corruption, group commit, fsync policies and the state-directory lock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.journal import (
+    RECORD_HEADER_BYTES,
+    SEGMENT_HEADER_BYTES,
+    FileOps,
+    Journal,
+    PersistenceError,
+    Recovered,
+    StateDirLocked,
+    inspect_state_dir,
+    lock_state_dir,
+    recover,
+)
+
+# --------------------------------------------------------------------------- helpers
+# The encoders below restate the documented on-disk format independently of the
+# module, so a change to the format that the docstring does not describe fails here.
+
+
+def seg_name(first_seq: int) -> str:
+    return f"journal-{first_seq:020d}.log"
+
+
+def snap_name(seq: int) -> str:
+    return f"snapshot-{seq:020d}.snap"
+
+
+def encode_segment_header(first_seq: int) -> bytes:
+    head = b"RGJ1" + struct.pack("<IQ", 1, first_seq)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def encode_record(seq: int, payload: dict[str, Any]) -> bytes:
+    import orjson
+
+    body = orjson.dumps(payload)
+    crc = zlib.crc32(struct.pack("<Q", seq) + body)
+    return struct.pack("<BIIQ", 0xA5, len(body), crc, seq) + body
+
+
+def encode_snapshot(seq: int, payload: dict[str, Any]) -> bytes:
+    import orjson
+
+    body = orjson.dumps(payload)
+    head = b"RGS1" + struct.pack("<IQQ", 1, seq, len(body))
+    return head + struct.pack("<I", zlib.crc32(head + body)) + body
+
+
+def record_bounds(data: bytes) -> list[int]:
+    """Start offsets of the records of a segment, plus its end."""
+    bounds = [SEGMENT_HEADER_BYTES]
+    off = SEGMENT_HEADER_BYTES
+    while off < len(data):
+        (length,) = struct.unpack_from("<I", data, off + 1)
+        off += RECORD_HEADER_BYTES + length
+        bounds.append(off)
+    return bounds
+
+
+def payload(i: int) -> dict[str, Any]:
+    return {"t": "pos", "account": "A1", "symbol": "BTC-USD", "qty": str(i), "i": i}
+
+
+class Model:
+    """A stand-in for the manager: its state is the list of applied record ids."""
+
+    def __init__(self, recovered: Recovered | None = None) -> None:
+        self.items: list[int] = []
+        self.halted = False
+        if recovered is not None:
+            if recovered.snapshot is not None:
+                self.items = list(recovered.snapshot["items"])
+                self.halted = bool(recovered.snapshot.get("halted", False))
+            self.items.extend(p["i"] for _seq, p in recovered.records)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"items": list(self.items), "halted": self.halted}
+
+
+def files(state: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(state.iterdir())}
+
+
+async def write_records(
+    state: Path,
+    ids: list[int],
+    *,
+    model: Model | None = None,
+    wave: int = 5,
+    close_snapshot: bool = False,
+    **kwargs: Any,
+) -> Journal:
+    """Recover, start a journal, append ``ids`` in waves awaiting durability, close."""
+    state.mkdir(parents=True, exist_ok=True)
+    rec = recover(state)
+    model = model or Model(rec)
+    journal = Journal(state, rec, snapshot_source=model.snapshot, **kwargs)
+    await journal.start()
+    for start in range(0, len(ids), wave):
+        seqs = []
+        for i in ids[start : start + wave]:
+            model.items.append(i)
+            seqs.append(journal.append(payload(i)))
+        await asyncio.gather(*(journal.durable(s) for s in seqs))
+    await journal.close(snapshot=close_snapshot)
+    return journal
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+async def test_recover_when_records_were_durable_then_same_payloads_and_seqs(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 51)), wave=7)
+
+    rec = recover(state)
+
+    assert rec.damage is None and rec.torn_tail is None and not rec.fresh
+    assert rec.snapshot is None and rec.snapshot_seq == 0
+    assert rec.records == [(i, payload(i)) for i in range(1, 51)]
+    assert rec.last_seq == 50
+
+
+async def test_restart_when_appending_again_then_new_segment_and_seqs_continue(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1, 2, 3])
+    await write_records(state, [4, 5])
+
+    rec = recover(state)
+
+    assert sorted(p.name for p in state.glob("journal-*.log")) == [seg_name(1), seg_name(4)]
+    assert rec.records == [(i, payload(i)) for i in range(1, 6)]
+
+
+def test_recover_when_directory_missing_or_empty_then_fresh(tmp_path: Path) -> None:
+    missing = recover(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    empty = recover(tmp_path / "empty")
+
+    for rec in (missing, empty):
+        assert rec.fresh and rec.damage is None and rec.torn_tail is None
+        assert rec.records == [] and rec.last_seq == 0 and rec.snapshot is None
+    assert not (tmp_path / "nope").exists()
+
+
+async def test_recover_when_journal_started_but_nothing_appended_then_fresh(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [])
+
+    rec = recover(state)
+
+    assert rec.fresh and rec.last_seq == 0
+    assert (state / seg_name(1)).stat().st_size == SEGMENT_HEADER_BYTES
+
+
+async def test_snapshots_when_due_then_old_files_removed_and_recovery_uses_snapshot_plus_tail(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    model = Model()
+    # Waves of 10 with snapshot_every=10 snapshot at 10, 20 and 30 exactly.
+    journal = await write_records(
+        state, list(range(1, 36)), model=model, wave=10, snapshot_every=10
+    )
+
+    assert journal.stats["snapshots"] == 3
+    # The newest two snapshots stay, with the journal back to the older one.
+    assert sorted(p.name for p in state.iterdir() if p.name != "LOCK") == [
+        seg_name(21),
+        seg_name(31),
+        snap_name(20),
+        snap_name(30),
+    ]
+    rec = recover(state)
+    assert rec.damage is None and rec.snapshot_seq == 30
+    assert rec.snapshot == {"items": list(range(1, 31)), "halted": False}
+    assert rec.records == [(i, payload(i)) for i in range(31, 36)]
+    assert Model(rec).items == list(range(1, 36))
+
+
+async def test_close_when_snapshot_requested_then_recovery_replays_no_records(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 13)), close_snapshot=True)
+
+    rec = recover(state)
+
+    assert rec.snapshot_seq == 12 and rec.records == [] and rec.last_seq == 12
+    assert Model(rec).items == list(range(1, 13))
+
+
+async def test_snapshot_now_when_called_then_durable_snapshot_at_last_seq(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    model = Model()
+    journal = Journal(state, recover(state), snapshot_source=model.snapshot)
+    await journal.start()
+    for i in (1, 2, 3):
+        model.items.append(i)
+        journal.append(payload(i))
+
+    await journal.snapshot_now()
+
+    assert (state / snap_name(3)).exists() and (state / seg_name(4)).exists()
+    assert journal.synced_seq == 3
+    await journal.close(snapshot=False)
+    rec = recover(state)
+    assert rec.snapshot_seq == 3 and rec.records == []
+
+
+# --------------------------------------------------------------------------- torn tails
+
+
+async def test_torn_tail_at_every_offset_of_last_three_records_then_exact_prefix(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base"
+    await write_records(base, list(range(1, 7)))
+    data = (base / seg_name(1)).read_bytes()
+    bounds = record_bounds(data)
+    assert len(bounds) == 7
+
+    for cut in range(bounds[-4], bounds[-1] + 1):
+        state = tmp_path / f"cut{cut}"
+        state.mkdir()
+        (state / seg_name(1)).write_bytes(data[:cut])
+        complete = sum(1 for end in bounds[1:] if end <= cut)
+        good_len = bounds[complete]
+
+        rec = recover(state)
+
+        assert rec.damage is None, cut
+        assert rec.records == [(i, payload(i)) for i in range(1, complete + 1)], cut
+        assert (rec.torn_tail is None) == (cut == good_len), cut
+        if rec.torn_tail is not None:
+            assert rec.torn_tail.file == seg_name(1) and rec.torn_tail.offset == good_len
+        assert (state / seg_name(1)).stat().st_size == good_len
+
+        await write_records(state, [100])
+        again = recover(state)
+        assert again.damage is None and again.torn_tail is None, cut
+        assert again.records == [
+            *((i, payload(i)) for i in range(1, complete + 1)),
+            (complete + 1, payload(100)),
+        ]
+
+
+async def test_torn_segment_header_when_last_then_dropped_and_removed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1, 2, 3])
+    (state / seg_name(4)).write_bytes(encode_segment_header(4)[:7])
+
+    peek = recover(state, repair=False)
+    assert peek.torn_tail is not None and peek.torn_tail.file == seg_name(4)
+    assert (state / seg_name(4)).exists()
+
+    rec = recover(state)
+
+    assert rec.damage is None and rec.last_seq == 3
+    assert rec.torn_tail is not None and rec.torn_tail.offset == 0
+    assert not (state / seg_name(4)).exists()
+    await write_records(state, [4])
+    assert recover(state).records[-1] == (4, payload(4))
+
+
+async def test_zero_filled_tail_when_recovering_then_never_parsed_as_records(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1, 2, 3])
+    path = state / seg_name(1)
+    good = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(bytes(4096))
+
+    rec = recover(state)
+
+    assert rec.damage is None and rec.last_seq == 3
+    assert rec.torn_tail is not None and rec.torn_tail.offset == good
+    assert path.stat().st_size == good
+
+
+async def test_recover_without_repair_when_torn_then_nothing_on_disk_changes(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1, 2, 3])
+    path = state / seg_name(1)
+    path.write_bytes(path.read_bytes()[:-5])
+    (state / (snap_name(9) + ".tmp")).write_bytes(b"half a snapshot")
+    before = files(state)
+
+    rec = recover(state, repair=False)
+
+    assert rec.torn_tail is not None and rec.last_seq == 2
+    assert files(state) == before
+
+
+async def test_recover_when_snapshot_tmp_left_over_then_deleted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1])
+    (state / (snap_name(1) + ".tmp")).write_bytes(b"partial")
+
+    rec = recover(state)
+
+    assert rec.damage is None and rec.last_seq == 1
+    assert not list(state.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+async def test_flipped_byte_in_middle_record_then_damage_names_file_and_offset(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base"
+    await write_records(base, list(range(1, 10)))
+    data = (base / seg_name(1)).read_bytes()
+    bounds = record_bounds(data)
+    start, end = bounds[4], bounds[5]  # record 5 of 9
+
+    for pos in range(start, end):
+        state = tmp_path / f"flip{pos}"
+        state.mkdir()
+        corrupted = bytearray(data)
+        corrupted[pos] ^= 0xFF
+        (state / seg_name(1)).write_bytes(bytes(corrupted))
+
+        rec = recover(state)
+
+        assert rec.damage is not None, pos
+        assert rec.damage.file == seg_name(1)
+        assert start <= rec.damage.offset < end, (pos, rec.damage)
+        assert rec.damage.describe().startswith(f"{seg_name(1)} at offset {rec.damage.offset}: ")
+        assert rec.torn_tail is None and not rec.fresh
+        assert rec.records == [(i, payload(i)) for i in range(1, 5)]
+        assert rec.last_seq == 4
+        assert (state / seg_name(1)).read_bytes() == bytes(corrupted)
+
+
+async def test_damage_in_earlier_segment_when_later_segments_exist_then_stop_there(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, [1, 2, 3])
+    await write_records(state, [4, 5])
+    path = state / seg_name(1)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last record of a segment that is not the last one
+    path.write_bytes(bytes(data))
+
+    rec = recover(state)
+
+    assert rec.damage is not None and rec.damage.file == seg_name(1)
+    assert rec.torn_tail is None
+    assert [seq for seq, _p in rec.records] == [1, 2]
+
+
+def test_sequence_discontinuity_when_checksums_valid_then_damage(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    recs = [encode_record(s, payload(s)) for s in (1, 2, 4, 5)]
+    (state / seg_name(1)).write_bytes(encode_segment_header(1) + b"".join(recs))
+
+    rec = recover(state)
+
+    assert rec.damage is not None
+    assert rec.damage.offset == SEGMENT_HEADER_BYTES + len(recs[0]) + len(recs[1])
+    assert "discontinuity" in rec.damage.detail
+    assert [seq for seq, _p in rec.records] == [1, 2]
+
+
+def test_journal_starting_after_snapshot_seq_when_recovering_then_gap_damage(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / snap_name(5)).write_bytes(encode_snapshot(5, {"items": [1, 2, 3, 4, 5]}))
+    (state / seg_name(8)).write_bytes(encode_segment_header(8) + encode_record(8, payload(8)))
+
+    rec = recover(state)
+
+    assert rec.damage is not None and rec.damage.file == seg_name(8)
+    assert "missing" in rec.damage.detail
+    assert rec.snapshot_seq == 5 and rec.records == [] and rec.last_seq == 5
+
+
+def test_checksummed_record_that_is_not_an_object_then_damage(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    body = b"[1,2]"
+    bad = struct.pack("<BIIQ", 0xA5, len(body), zlib.crc32(struct.pack("<Q", 2) + body), 2)
+    (state / seg_name(1)).write_bytes(
+        encode_segment_header(1) + encode_record(1, payload(1)) + bad + body
+    )
+
+    rec = recover(state)
+
+    assert rec.damage is not None and "not a JSON object" in rec.damage.detail
+    assert rec.records == [(1, payload(1))]
+
+
+async def test_newest_snapshot_corrupt_when_older_exists_then_damage_and_full_fallback(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 13)), wave=5, snapshot_every=5)
+    assert {p.name for p in state.glob("snapshot-*")} == {snap_name(5), snap_name(10)}
+    newest = state / snap_name(10)
+    data = bytearray(newest.read_bytes())
+    data[-3] ^= 0x20
+    newest.write_bytes(bytes(data))
+
+    rec = recover(state)
+
+    assert rec.damage is not None and rec.damage.file == snap_name(10)
+    assert "checksum" in rec.damage.detail
+    assert rec.snapshot_seq == 5
+    assert Model(rec).items == list(range(1, 13))
+
+
+async def test_only_snapshot_corrupt_when_journal_starts_at_one_then_recovered_from_journal(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 8)), wave=5, snapshot_every=5)
+    (state / snap_name(5)).write_bytes(b"RGS1 definitely not a snapshot")
+
+    rec = recover(state)
+
+    assert rec.damage is not None and rec.damage.file == snap_name(5)
+    assert rec.snapshot is None and rec.snapshot_seq == 0
+    assert rec.records == [(i, payload(i)) for i in range(1, 8)]
+
+
+async def test_inspect_when_damaged_then_same_report_as_recover_and_files_untouched(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 15)), wave=5, snapshot_every=5)
+    tail = state / seg_name(11)  # records 11..14 after the snapshot at 10
+    data = bytearray(tail.read_bytes())
+    bounds = record_bounds(bytes(data))
+    data[bounds[1] + 20] ^= 0x55  # record 12, followed by good records 13 and 14
+    tail.write_bytes(bytes(data))
+    covered = state / seg_name(6)  # records 6..10, redundant while snapshot 10 reads
+    covered.write_bytes(covered.read_bytes()[:-1] + b"?")
+    (state / (snap_name(99) + ".tmp")).write_bytes(b"leftover")
+    os.utime(tail, ns=(1_000_000_000, 1_000_000_000))
+    before = files(state)
+
+    report = inspect_state_dir(state)
+
+    assert files(state) == before
+    expected = recover(state, repair=False)
+    assert expected.damage is not None
+    assert report["damage"] == {
+        "file": seg_name(11),
+        "offset": expected.damage.offset,
+        "detail": expected.damage.detail,
+    }
+    assert bounds[1] <= expected.damage.offset < bounds[2]
+    assert report["torn_tail"] is None
+    assert report["snapshot_seq"] == 10 and report["last_seq"] == expected.last_seq == 11
+    assert report["snapshot_payload"] == expected.snapshot
+    assert report["tail_payloads"] == [payload(11)]
+    assert report["records"] == 1 and report["first_seq"] == 11
+    assert [s["file"] for s in report["snapshots"]] == [snap_name(5), snap_name(10)]
+    assert all(s["valid"] for s in report["snapshots"])
+    by_file = {s["file"]: s for s in report["segments"]}
+    assert by_file[seg_name(11)]["records"] == 1
+    assert by_file[seg_name(11)]["error"] == report["damage"]
+    assert by_file[seg_name(6)]["records"] == 4 and "error" in by_file[seg_name(6)]
+    assert list(by_file) == [seg_name(6), seg_name(11)]
+    assert report["tmp_files"] == [snap_name(99) + ".tmp"]
+    assert report["state_dir"] == str(state)
+    assert files(state) == before
+
+
+async def test_inspect_when_healthy_then_counts_and_payloads(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 8)), wave=5, snapshot_every=5)
+
+    report = inspect_state_dir(state)
+
+    assert report["damage"] is None and report["torn_tail"] is None and not report["fresh"]
+    assert report["snapshot_payload"] == {"items": [1, 2, 3, 4, 5], "halted": False}
+    assert report["tail_payloads"] == [payload(6), payload(7)]
+    assert (report["records"], report["first_seq"], report["last_seq"]) == (2, 6, 7)
+    assert report["segments"] == [
+        {
+            "file": seg_name(1),
+            "first_seq": 1,
+            "last_seq": 5,
+            "records": 5,
+            "bytes": (state / seg_name(1)).stat().st_size,
+        },
+        {
+            "file": seg_name(6),
+            "first_seq": 6,
+            "last_seq": 7,
+            "records": 2,
+            "bytes": (state / seg_name(6)).stat().st_size,
+        },
+    ]
+
+
+async def test_random_damage_when_recovering_then_never_raises_and_never_invents(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "base"
+    await write_records(state, list(range(1, 16)), wave=4, snapshot_every=6)
+    originals = files(state)
+    names = [n for n in originals if n != "LOCK"]
+    rng = random.Random(20240611)
+
+    for trial in range(300):
+        case = tmp_path / f"case{trial}"
+        case.mkdir()
+        for name, (data, _mtime) in originals.items():
+            (case / name).write_bytes(data)
+        victim = case / rng.choice(names)
+        data = bytearray(victim.read_bytes())
+        action = rng.choice(["flip", "truncate", "garbage", "zero", "replace"])
+        if action == "flip":
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif action == "truncate":
+            del data[rng.randrange(len(data)) :]
+        elif action == "garbage":
+            at = rng.randrange(len(data))
+            data[at:at] = rng.randbytes(rng.randint(1, 40))
+        elif action == "zero":
+            at = rng.randrange(len(data))
+            data[at : at + 64] = bytes(len(data[at : at + 64]))
+        else:
+            data = bytearray(rng.randbytes(rng.randint(0, 200)))
+        victim.write_bytes(bytes(data))
+
+        rec = recover(case, repair=rng.random() < 0.5)
+        inspect_state_dir(case)
+
+        items = Model(rec).items
+        assert items == list(range(1, len(items) + 1)), (trial, action, victim.name)
+        seqs = [seq for seq, _p in rec.records]
+        assert seqs == list(range(rec.snapshot_seq + 1, rec.last_seq + 1)), trial
+
+
+# --------------------------------------------------------------------------- damaged start
+
+
+async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survives(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 10)))
+    path = state / seg_name(1)
+    data = bytearray(path.read_bytes())
+    data[record_bounds(bytes(data))[4] + 3] ^= 0xFF
+    damaged_bytes = bytes(data)
+    path.write_bytes(damaged_bytes)
+    rec = recover(state)
+    assert rec.damage is not None and rec.last_seq == 4
+    model = Model(rec)
+    model.halted = True  # the caller halts before starting the journal
+    journal = Journal(state, rec, snapshot_source=model.snapshot)
+
+    await journal.start()
+    model.items.append(50)
+    await journal.durable(journal.append(payload(50)))
+    await journal.close(snapshot=False)
+
+    after = recover(state)
+    assert after.damage is None and after.snapshot_seq == 4
+    assert after.snapshot == {"items": [1, 2, 3, 4], "halted": True}
+    assert after.records == [(5, payload(50))]
+    (aside,) = state.glob(seg_name(1) + ".damaged-*")
+    assert aside.read_bytes() == damaged_bytes
+    assert inspect_state_dir(state)["other_files"] == [aside.name]
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+class RecordingOps(FileOps):
+    """Logs writes (with the highest record seq they carry) and fdatasyncs in call order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int]] = []
+        self.lock = threading.Lock()
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        n = super().write(fd, data)
+        chunk = bytes(data[:n])
+        top = 0
+        off = 0
+        while off + RECORD_HEADER_BYTES <= len(chunk) and chunk[off] == 0xA5:
+            _m, length, _crc, seq = struct.unpack_from("<BIIQ", chunk, off)
+            top = seq
+            off += RECORD_HEADER_BYTES + length
+        with self.lock:
+            self.events.append(("write", fd, top))
+        return n
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        with self.lock:
+            self.events.append(("fdatasync", fd, 0))
+
+    def ack(self, seq: int) -> None:
+        with self.lock:
+            self.events.append(("ack", 0, seq))
+
+
+async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_no_early_ack(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = RecordingOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start()
+
+    async def producer(k: int) -> None:
+        for round_ in range(3):
+            seq = journal.append(payload(k * 10 + round_))
+            await journal.durable(seq)
+            ops.ack(seq)
+
+    await asyncio.gather(*(producer(k) for k in range(200)))
+    await journal.close(snapshot=False)
+
+    fsyncs = sum(1 for kind, _fd, _s in ops.events if kind == "fdatasync")
+    acks = [seq for kind, _fd, seq in ops.events if kind == "ack"]
+    assert sorted(acks) == list(range(1, 601))
+    assert fsyncs < 600 / 10, fsyncs
+    written: dict[int, int] = {}
+    synced = 0
+    for kind, fd, seq in ops.events:
+        if kind == "write":
+            written[fd] = max(written.get(fd, 0), seq)
+        elif kind == "fdatasync":
+            synced = max(synced, written.get(fd, 0))
+        else:
+            assert seq <= synced, f"seq {seq} acknowledged before an fdatasync covered it"
+    assert journal.stats["records_written"] == 600
+    assert journal.stats["fsyncs"] < 60
+
+
+class BlockingSyncOps(FileOps):
+    """fdatasync waits for the test to let it through."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.syncs = 0
+
+    def fdatasync(self, fd: int) -> None:
+        self.gate.wait(10)
+        self.syncs += 1
+        super().fdatasync(fd)
+
+
+async def test_durable_waiter_cancelled_when_write_in_flight_then_record_still_durable(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = BlockingSyncOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start()
+    ops.gate.clear()
+    seq = journal.append(payload(1))
+    waiter = asyncio.create_task(journal.durable(seq))
+    await asyncio.sleep(0.05)
+
+    waiter.cancel()
+    ops.gate.set()
+    await journal.durable(seq)
+
+    assert waiter.cancelled()
+    await journal.close(snapshot=False)
+    assert recover(state).records == [(1, payload(1))]
+
+
+# --------------------------------------------------------------------------- policies
+
+
+class CountingOps(FileOps):
+    def __init__(self) -> None:
+        self.fdatasyncs = 0
+
+    def fdatasync(self, fd: int) -> None:
+        self.fdatasyncs += 1
+        super().fdatasync(fd)
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+async def test_relaxed_policy_when_durable_then_no_fsync_until_synced_asks(
+    tmp_path: Path, policy: Any
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = CountingOps()
+    journal = Journal(
+        state,
+        recover(state),
+        fsync=policy,
+        fsync_interval_ms=3_600_000,
+        snapshot_source=dict,
+        ops=ops,
+    )
+    await journal.start()
+    after_start = ops.fdatasyncs
+    seqs = [journal.append(payload(i)) for i in range(1, 11)]
+
+    await asyncio.gather(*(journal.durable(s) for s in seqs))
+
+    assert ops.fdatasyncs == after_start
+    assert journal.durable_seq == 10 and journal.synced_seq == 0
+    await asyncio.wait_for(journal.synced(10), timeout=10)
+    assert ops.fdatasyncs == after_start + 1 and journal.synced_seq == 10
+    await journal.close(snapshot=False)
+    assert [s for s, _p in recover(state).records] == seqs
+
+
+async def test_interval_policy_when_time_passes_then_fsynced_without_asking(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(
+        state, recover(state), fsync="interval", fsync_interval_ms=10, snapshot_source=dict
+    )
+    await journal.start()
+    seq = journal.append(payload(1))
+    await journal.durable(seq)
+
+    async def until_synced() -> None:
+        while journal.synced_seq < seq:
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(until_synced(), timeout=10)
+    await journal.close(snapshot=False)
+
+
+async def test_close_when_never_policy_then_everything_fsynced(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state, recover(state), fsync="never", snapshot_source=dict)
+    await journal.start()
+    for i in range(5):
+        journal.append(payload(i))
+
+    await journal.close(snapshot=False)
+
+    assert journal.synced_seq == 5
+    await journal.close()  # idempotent
+
+
+# --------------------------------------------------------------------------- misuse
+
+
+async def test_append_when_not_started_or_closed_then_runtime_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state, recover(state), snapshot_source=dict)
+    with pytest.raises(RuntimeError):
+        journal.append(payload(1))
+    await journal.start()
+    await journal.close()
+    with pytest.raises(RuntimeError):
+        journal.append(payload(1))
+
+
+async def test_append_when_payload_not_encodable_then_type_error_and_no_seq_used(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state, recover(state), snapshot_source=dict)
+    await journal.start()
+    with pytest.raises(TypeError):
+        journal.append({"qty": object()})
+    assert journal.append(payload(1)) == 1
+    await journal.close(snapshot=False)
+
+
+async def test_durable_when_seq_never_appended_then_value_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state, recover(state), snapshot_source=dict)
+    await journal.start()
+    with pytest.raises(ValueError):
+        await journal.durable(1)
+    await journal.durable(0)
+    await journal.close()
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def test_lock_when_already_held_in_process_then_state_dir_locked_at_once(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "state"
+    with lock_state_dir(state) as held:
+        assert held.path == state / "LOCK"
+        with pytest.raises(StateDirLocked) as info:
+            lock_state_dir(state)
+        assert str(info.value) == (
+            f"another gateway holds the state directory {state} (lock file {state / 'LOCK'})"
+        )
+    lock_state_dir(state).release()
+
+
+def test_lock_when_held_by_another_process_then_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    child = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gateway.journal import StateDirLocked, lock_state_dir\n"
+        "try:\n"
+        "    lock_state_dir(Path(sys.argv[1]))\n"
+        "except StateDirLocked as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    with lock_state_dir(state):
+        done = subprocess.run(
+            [sys.executable, "-c", child, str(state)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 3, done.stderr
+    assert "another gateway holds the state directory" in done.stdout
+
+
+# --------------------------------------------------------------------------- failure basics
+
+
+async def test_failed_journal_when_appending_then_persistence_error(tmp_path: Path) -> None:
+    class FailingSync(FileOps):
+        armed = False
+
+        def fdatasync(self, fd: int) -> None:
+            if self.armed:
+                raise OSError(5, "injected EIO")
+            super().fdatasync(fd)
+
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = FailingSync()
+    failures: list[PersistenceError] = []
+    journal = Journal(
+        state, recover(state), snapshot_source=dict, on_failure=failures.append, ops=ops
+    )
+    await journal.start()
+    await journal.durable(journal.append(payload(1)))
+    ops.armed = True
+    seq = journal.append(payload(2))
+
+    with pytest.raises(PersistenceError):
+        await journal.durable(seq)
+
+    assert journal.failed is not None and len(failures) == 1
+    assert journal.durable_seq == 1
+    with pytest.raises(PersistenceError):
+        journal.append(payload(3))
+    with pytest.raises(PersistenceError):
+        await journal.close()
+    assert len(failures) == 1
+    assert recover(state).records == [(1, payload(1))]
