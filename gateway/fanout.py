@@ -1,0 +1,686 @@
+"""Push channels: per-channel seq, resume buffers, bounded per-connection queues.
+
+Two pieces (docs/protocol.md section 5):
+
+- ``Outbox``: one per connection. ``push`` only appends to a queue; one writer
+  task per connection does the sending, so a slow socket never blocks request
+  handling or the other subscribers. The queue is bounded in bytes; a
+  connection that lets it pass ``max_queued_bytes`` is evicted (close 4003).
+- ``Fanout``: the channels. The server hands it the manager's events
+  (``publish``, sync); it numbers them per channel, encodes each push once, keeps
+  the last ``buffer_size`` of each channel for ``resume``, and queues the same
+  bytes on every subscriber's outbox.
+
+Sequence numbers. Each channel with a seq (``emergency``, ``alerts``,
+``exposure``, ``decisions``) counts from 1 when the gateway starts, +1 per
+event, and every subscriber sees the same number for the same event. A
+snapshot push is stamped with the seq of the last event it includes; the
+events that follow it start at that seq + 1, with no gap and no duplicate. The
+``heartbeat`` carries each channel's last seq, so a client also notices a lost
+last event. Seqs restart at 1 when the gateway restarts (``session.hello``
+returns a new ``epoch``): a client resuming across a restart gets a snapshot.
+
+Traders and the exposure channel. A trader receives exposure pushes only for
+its own accounts, but the exposure seq is shared by all subscribers and counts
+the pushes of every account. A trader therefore sees jumps in the exposure seq
+(for instance 3, then 7): the numbers in between were pushes for accounts it
+may not read, not lost data. Nothing is lost, because each exposure push
+carries the whole state of one account (gross, limit, global, global_limit),
+never a delta: the latest push for an account is that account's current state.
+A trader should not treat an exposure seq jump as a gap; when in doubt it can
+subscribe to ``exposure`` again (with no ``resume``) to get a fresh snapshot of
+its accounts. Every other channel is the same for every subscriber that may
+read it, and there a jump is a real gap (see the next paragraph).
+
+Slow consumers. When a connection's output (queued pushes plus the socket's
+write buffer) would pass ``max_queued_bytes``, an ``emergency`` push first
+makes room by dropping queued pushes the client can detect as missing (seq'd
+events and heartbeats; never responses or snapshots), so an emergency change
+always reaches a connected client. The client sees the seq gap and subscribes
+again with ``resume``. Any other push that does not fit evicts the connection:
+it is closed with 4003 and an alert ``SLOW_CONSUMER`` is raised.
+
+Exposure pushes are coalesced: at most one per account every ``coalesce_ms``,
+always carrying the values at send time, and a change inside the window is
+pushed at the window's end, so the last push always shows the final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.auth import Principal
+from gateway.manager import (
+    AlertRaised,
+    DecisionMade,
+    EmergencyChanged,
+    EmergencyManager,
+    Event,
+    ExposureChanged,
+)
+from protocol.codec import encode_push
+from protocol.codes import AlertCode, AlertLevel, Channel, CloseCode, ErrorCode, Role
+from protocol.errors import ProtocolError, bad_request
+from protocol.messages import Subscribe, Unsubscribe
+from protocol.values import format_decimal, format_time_ms
+
+__all__ = ["SEQ_CHANNELS", "Fanout", "Outbox", "Subscriber"]
+
+log = logging.getLogger("gateway.fanout")
+
+#: Channels whose pushes carry a seq (``heartbeat`` has none).
+SEQ_CHANNELS: tuple[Channel, ...] = (
+    Channel.EMERGENCY,
+    Channel.ALERTS,
+    Channel.EXPOSURE,
+    Channel.DECISIONS,
+)
+# Every authenticated connection is on these from `add` until `remove`.
+_PERMANENT = frozenset({Channel.EMERGENCY, Channel.HEARTBEAT})
+# Channels a connection joins and leaves with subscribe / unsubscribe.
+_OPTIONAL = (Channel.ALERTS, Channel.EXPOSURE, Channel.DECISIONS)
+# How long an evicted client gets to complete the closing handshake.
+EVICTION_CLOSE_TIMEOUT_S = 1.0
+
+# Close tasks of evicted connections: held here so they are not collected
+# before they have aborted the transport.
+_closing: set[asyncio.Task[None]] = set()
+
+
+class Outbox:
+    """Per-connection outbound queue drained by one writer task; bounded in bytes.
+
+    ``push`` never blocks: it queues the frame and starts the writer if none
+    is running (a connection that is never pushed to costs no task). Frames go
+    out in push order. Once the connection is evicted or ``close`` was called,
+    ``push`` returns False and sends nothing.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_evict_callbacks",
+        "_queue",
+        "_queued",
+        "_writer",
+        "evicted",
+        "eviction_queued_bytes",
+        "max_queued_bytes",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        *,
+        max_queued_bytes: int,
+        on_evict: Callable[[Outbox], None],
+    ) -> None:
+        self.ws = ws
+        self.max_queued_bytes = max_queued_bytes
+        #: True once this connection was evicted as a slow consumer.
+        self.evicted = False
+        #: The output (queue + socket buffer) the connection had when evicted.
+        self.eviction_queued_bytes = 0
+        self._evict_callbacks: list[Callable[[Outbox], None]] = [on_evict]
+        # (frame, droppable)
+        self._queue: deque[tuple[bytes, bool]] = deque()
+        self._queued = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add_evict_callback(self, callback: Callable[[Outbox], None]) -> None:
+        """Also call ``callback(outbox)`` on eviction, after ``on_evict``."""
+        self._evict_callbacks.append(callback)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for this client: in this queue plus the socket's write buffer."""
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._queued + buffered
+
+    @property
+    def busy(self) -> bool:
+        """True while frames are queued or being written.
+
+        While busy, send responses through ``push`` too, so they stay in
+        order behind the pushes already queued.
+        """
+        return self._writer is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def push(self, frame: bytes, *, priority: bool = False, droppable: bool = False) -> bool:
+        """Queue one JSON text frame; False if the connection is evicted or closed.
+
+        ``priority`` (emergency pushes): when the frame does not fit, queued
+        ``droppable`` frames are dropped to make room, and the connection is
+        evicted only if it still does not fit. ``droppable`` marks a frame whose
+        loss the client can detect (a seq'd event, a heartbeat); responses and
+        snapshots must not be droppable. A frame that does not fit otherwise
+        evicts the connection: ``on_evict`` is called once and the connection is
+        closed with 4003. A frame pushed onto empty output is always accepted,
+        whatever its size: only output that piles up means a slow consumer.
+        """
+        if self._closed:
+            return False
+        size = len(frame)
+        queued = self.queued_bytes
+        if queued and queued + size > self.max_queued_bytes:
+            if priority:
+                self._drop_droppable()
+                queued = self.queued_bytes
+            if queued and queued + size > self.max_queued_bytes:
+                self._evict(queued)
+                return False
+        self._queue.append((frame, droppable))
+        self._queued += size
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return True
+
+    def close(self) -> None:
+        """Stop the writer and discard what is queued (the connection is gone)."""
+        self._closed = True
+        self._discard()
+
+    def _drop_droppable(self) -> None:
+        kept = deque(entry for entry in self._queue if not entry[1])
+        self._queued = sum(len(frame) for frame, _ in kept)
+        self._queue = kept
+
+    def _discard(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+        writer, self._writer = self._writer, None
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+
+    def _evict(self, queued: int) -> None:
+        self._closed = True
+        self.evicted = True
+        self.eviction_queued_bytes = queued
+        self._discard()
+        for callback in self._evict_callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("eviction callback failed")
+        task = asyncio.get_running_loop().create_task(self._close_slow())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _close_slow(self) -> None:
+        ws = self.ws
+        try:
+            async with asyncio.timeout(EVICTION_CLOSE_TIMEOUT_S):
+                await ws.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        except Exception:
+            # A client that stopped reading never completes the closing
+            # handshake (and websockets keepalive never fires then): the
+            # connection must go regardless of why the close did not finish.
+            pass
+        transport = ws.transport
+        if transport is not None:
+            transport.abort()
+
+    async def _write(self) -> None:
+        send = self.ws.send
+        try:
+            # self._queue, not a local: dropping frames replaces the deque.
+            while self._queue:
+                frame, _ = self._queue.popleft()
+                self._queued -= len(frame)
+                await send(frame, text=True)
+        except ConnectionClosed:
+            self._closed = True
+            self._queue.clear()
+            self._queued = 0
+        except Exception:
+            log.exception("writer of a connection failed")
+            self._closed = True
+            self._queue.clear()
+            self._queued = 0
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
+
+
+class Subscriber(Protocol):
+    """What the fan-out needs of a connection (the server's session)."""
+
+    conn_id: int
+    principal: Principal
+    outbox: Outbox
+
+
+@dataclass(eq=False, slots=True)
+class _Member:
+    sub: Subscriber
+    reads_every_account: bool
+    # Optional channels currently receiving live events.
+    live: set[Channel] = field(default_factory=set)
+    # Channels subscribed but not yet delivered: channel -> resume seq or None.
+    pending: dict[Channel, int | None] = field(default_factory=dict)
+
+
+class Fanout:
+    """Channels, seqs, resume buffers and delivery to subscribers.
+
+    Call ``add`` once a connection is authenticated and ``remove`` when it is
+    closed; ``publish`` with the manager's drained events; ``start`` once a
+    loop runs (heartbeat and exposure timer) and ``stop`` on shutdown.
+    Nothing here awaits except ``stop``: every method only queues frames on
+    outboxes, whose writer tasks do the sending.
+    """
+
+    def __init__(
+        self,
+        manager: EmergencyManager,
+        *,
+        heartbeat_s: float,
+        clock: Callable[[], int],
+        buffer_size: int = 1024,
+        coalesce_ms: int = 100,
+        history: int = 100,
+    ) -> None:
+        self.manager = manager
+        self.heartbeat_s = heartbeat_s
+        self.coalesce_ms = coalesce_ms
+        self._clock = clock
+        self._seq: dict[Channel, int] = dict.fromkeys(SEQ_CHANNELS, 0)
+        # (seq, frame, account or None) of the last events, for resume.
+        self._buffers: dict[Channel, deque[tuple[int, bytes, str | None]]] = {
+            channel: deque(maxlen=buffer_size) for channel in SEQ_CHANNELS
+        }
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=history)
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=history)
+        self._members: dict[int, _Member] = {}
+        self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
+        self._exposure_sent_ms: dict[str, int] = {}
+        self._exposure_sent: dict[str, dict[str, Any]] = {}
+        self._exposure_due: dict[str, int] = {}
+        self._exposure_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._evicted: list[_Member] = []
+        self._depth = 0
+        self.evictions = 0
+
+    # -------------------------------------------------------- connections
+
+    def add(self, sub: Subscriber) -> None:
+        """Put a just-authenticated connection on ``emergency`` and ``heartbeat``.
+
+        Queues the emergency snapshot at once, stamped with the current
+        emergency seq. Calling it again for the same connection does nothing.
+        """
+        if sub.conn_id in self._members:
+            return
+        member = _Member(sub=sub, reads_every_account=sub.principal.reads_every_account)
+        self._members[sub.conn_id] = member
+        sub.outbox.add_evict_callback(lambda _box: self._on_evicted(member))
+        self._depth += 1
+        try:
+            self._send_snapshot(member, Channel.EMERGENCY)
+        finally:
+            self._leave()
+
+    def remove(self, sub: Subscriber) -> None:
+        """Forget a closed connection (idempotent)."""
+        member = self._members.pop(sub.conn_id, None)
+        if member is None:
+            return
+        for channel in member.live:
+            self._live[channel].pop(sub.conn_id, None)
+
+    def subscribe(self, sub: Subscriber, req: Subscribe) -> dict[str, Any]:
+        """Record a subscription; returns ``{"channels": {NAME: {"seq": current}}}``.
+
+        Pushes nothing: queue the response with ``sub.outbox.push`` and then call
+        ``deliver_subscription(sub)`` with no ``await`` in between, which sends
+        per channel the events after ``resume[CHANNEL]`` or a snapshot. The
+        ``heartbeat`` entry has ``"seq": null`` (heartbeats have no seq).
+        Raises ``ProtocolError(FORBIDDEN)`` when a trader asks for
+        ``decisions``; then nothing is recorded.
+        """
+        member = self._member(sub)
+        if Channel.DECISIONS in req.channels and sub.principal.role is Role.TRADER:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"{sub.principal.name} (trader) may not subscribe to decisions "
+                "(viewers and admins only)",
+            )
+        result: dict[str, dict[str, int | None]] = {}
+        for channel in req.channels:
+            if channel is Channel.HEARTBEAT:
+                result[channel.value] = {"seq": None}
+                continue
+            member.pending[channel] = req.resume.get(channel)
+            if channel in self._live:
+                # Off live delivery until deliver_subscription, so a catch-up
+                # and a live event can never both carry the same seq.
+                self._live[channel].pop(sub.conn_id, None)
+                member.live.discard(channel)
+            result[channel.value] = {"seq": self._seq[channel]}
+        return {"channels": result}
+
+    def deliver_subscription(self, sub: Subscriber) -> None:
+        """Send what ``subscribe`` recorded, then deliver those channels live.
+
+        Per channel: the events after ``resume[CHANNEL]`` when the resume
+        buffer still holds all of them, else a snapshot stamped with the
+        current seq. Live events follow with no gap and no duplicate.
+        """
+        member = self._members.get(sub.conn_id)
+        if member is None or not member.pending:
+            return
+        pending, member.pending = member.pending, {}
+        self._depth += 1
+        try:
+            for channel, resume in pending.items():
+                if resume is None or not self._replay(member, channel, resume):
+                    self._send_snapshot(member, channel)
+                if channel in self._live:
+                    self._live[channel][sub.conn_id] = member
+                    member.live.add(channel)
+        finally:
+            self._leave()
+
+    def unsubscribe(self, sub: Subscriber, req: Unsubscribe) -> dict[str, Any]:
+        """Stop ``req.channels``; returns ``{"channels": [channels still subscribed]}``.
+
+        Raises ``ProtocolError(BAD_REQUEST)`` naming the channel for
+        ``emergency`` or ``heartbeat``, which every connection receives.
+        """
+        member = self._member(sub)
+        for channel in req.channels:
+            if channel in _PERMANENT:
+                raise bad_request(
+                    f"channel {channel.value} cannot be unsubscribed: every connection receives it"
+                )
+        for channel in req.channels:
+            member.pending.pop(channel, None)
+            member.live.discard(channel)
+            self._live[channel].pop(sub.conn_id, None)
+        return {"channels": self._channels_of(member)}
+
+    # ------------------------------------------------------------- events
+
+    def publish(self, events: Iterable[Event]) -> None:
+        """Queue the pushes for the manager's events, in order. Never awaits.
+
+        ``EmergencyChanged`` goes to every added connection (never dropped
+        while it is connected), ``AlertRaised`` to ``alerts``,
+        ``DecisionMade`` to ``decisions``, ``ExposureChanged`` to ``exposure``
+        (coalesced, trader-filtered).
+        """
+        self._depth += 1
+        try:
+            for event in events:
+                if isinstance(event, EmergencyChanged):
+                    self._emit(Channel.EMERGENCY, event.view)
+                elif isinstance(event, AlertRaised):
+                    self._alerts.append(event.alert)
+                    self._emit(Channel.ALERTS, event.alert)
+                elif isinstance(event, DecisionMade):
+                    self._decisions.append(event.data)
+                    self._emit(Channel.DECISIONS, event.data)
+                elif isinstance(event, ExposureChanged):
+                    self._exposure_changed(event.account)
+        finally:
+            self._leave()
+
+    def flush_exposure(self, now_ms: int) -> int | None:
+        """Push every coalesced exposure change due at ``now_ms``.
+
+        Returns when the next one is due (ms), or None when none is waiting.
+        The timer started by ``start`` calls this; tests call it with a pinned
+        clock.
+        """
+        due = [account for account, at in self._exposure_due.items() if at <= now_ms]
+        self._depth += 1
+        try:
+            for account in due:
+                del self._exposure_due[account]
+                self._push_exposure(account, now_ms)
+        finally:
+            self._leave()
+        return min(self._exposure_due.values(), default=None)
+
+    def heartbeat(self) -> None:
+        """Push one heartbeat to every added connection (the heartbeat task's tick)."""
+        frame = encode_push(
+            Channel.HEARTBEAT.value,
+            None,
+            {
+                "ts": format_time_ms(self._clock()),
+                "seqs": {channel.value: self._seq[channel] for channel in SEQ_CHANNELS},
+            },
+        )
+        self._depth += 1
+        try:
+            for member in list(self._members.values()):
+                member.sub.outbox.push(frame, droppable=True)
+        finally:
+            self._leave()
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the heartbeat and the exposure timer (needs a running loop)."""
+        if self._tasks:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._heartbeats(), name="fanout-heartbeat"),
+            loop.create_task(self._exposure_timer(), name="fanout-exposure"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the background tasks; exposure changes still waiting are pushed."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._exposure_due:
+            self.flush_exposure(max(self._exposure_due.values()))
+
+    def stats(self) -> dict[str, Any]:
+        """``{"connections", "subscribers": {CHANNEL: n}, "queued_bytes", "evictions"}``."""
+        members = self._members.values()
+        subscribers = {channel.value: len(self._members) for channel in _PERMANENT}
+        subscribers.update({channel.value: len(live) for channel, live in self._live.items()})
+        return {
+            "connections": len(self._members),
+            "subscribers": subscribers,
+            "queued_bytes": sum(m.sub.outbox.queued_bytes for m in members),
+            "evictions": self.evictions,
+        }
+
+    def seq(self, channel: Channel) -> int:
+        """The seq of the channel's last event (0 before the first)."""
+        return self._seq[channel]
+
+    # ------------------------------------------------------------ internals
+
+    def _member(self, sub: Subscriber) -> _Member:
+        member = self._members.get(sub.conn_id)
+        if member is None:
+            raise RuntimeError(f"connection {sub.conn_id} is not added: call Fanout.add first")
+        return member
+
+    def _channels_of(self, member: _Member) -> list[str]:
+        names = set(_PERMANENT) | member.live | set(member.pending)
+        return [channel.value for channel in Channel if channel in names]
+
+    def _emit(self, channel: Channel, data: dict[str, Any], account: str | None = None) -> None:
+        seq = self._seq[channel] + 1
+        self._seq[channel] = seq
+        frame = encode_push(channel.value, seq, data)
+        self._buffers[channel].append((seq, frame, account))
+        if channel is Channel.EMERGENCY:
+            for member in list(self._members.values()):
+                member.sub.outbox.push(frame, priority=True)
+            return
+        for member in list(self._live[channel].values()):
+            if account is None or self._may_read(member, channel, account):
+                member.sub.outbox.push(frame, droppable=True)
+
+    @staticmethod
+    def _may_read(member: _Member, channel: Channel, account: str) -> bool:
+        # Only exposure is per account; decisions are for roles that read all.
+        if channel is not Channel.EXPOSURE or member.reads_every_account:
+            return True
+        return member.sub.principal.may_read_account(account)
+
+    def _replay(self, member: _Member, channel: Channel, resume: int) -> bool:
+        """Queue the events after ``resume``; False when the buffer lacks some."""
+        current = self._seq[channel]
+        if resume > current:
+            return False
+        if resume == current:
+            return True
+        buffer = self._buffers[channel]
+        if not buffer or buffer[0][0] > resume + 1:
+            return False
+        outbox = member.sub.outbox
+        priority = channel is Channel.EMERGENCY
+        start = resume + 1 - buffer[0][0]
+        for index in range(start, len(buffer)):
+            _, frame, account = buffer[index]
+            if account is None or self._may_read(member, channel, account):
+                outbox.push(frame, priority=priority, droppable=not priority)
+        return True
+
+    def _send_snapshot(self, member: _Member, channel: Channel) -> None:
+        data: dict[str, Any]
+        if channel is Channel.EMERGENCY:
+            data = self.manager.emergency_view()
+        elif channel is Channel.ALERTS:
+            data = {"alerts": list(self._alerts)}
+        elif channel is Channel.DECISIONS:
+            data = {"decisions": list(self._decisions)}
+        else:
+            data = self._exposure_snapshot(member)
+        frame = encode_push(channel.value, self._seq[channel], data, snapshot=True)
+        member.sub.outbox.push(frame, priority=channel is Channel.EMERGENCY)
+
+    def _exposure_snapshot(self, member: _Member) -> dict[str, Any]:
+        manager = self.manager
+        principal = member.sub.principal
+        if member.reads_every_account:
+            accounts = sorted(manager.accounts)
+        else:
+            # A trader's own accounts, also those with no position yet (gross 0).
+            accounts = sorted(principal.accounts)
+        return {
+            "accounts": {account: manager.exposure_of(account) for account in accounts},
+            "global": format_decimal(manager.gross_exposure),
+            "global_limit": format_decimal(manager.limits.max_exposure),
+        }
+
+    def _exposure_changed(self, account: str) -> None:
+        if account in self._exposure_due:
+            return  # the scheduled push reads the values at send time
+        now = self._clock()
+        sent = self._exposure_sent_ms.get(account)
+        if sent is None or not 0 <= now - sent < self.coalesce_ms:
+            self._push_exposure(account, now)
+            return
+        self._exposure_due[account] = sent + self.coalesce_ms
+        self._exposure_wake.set()
+
+    def _push_exposure(self, account: str, now_ms: int) -> None:
+        data = self.manager.exposure_of(account)
+        if self._exposure_sent.get(account) == data:
+            return  # the last push already shows this state
+        self._exposure_sent[account] = data
+        self._exposure_sent_ms[account] = now_ms
+        self._emit(Channel.EXPOSURE, data, account)
+
+    def _on_evicted(self, member: _Member) -> None:
+        self._evicted.append(member)
+        if self._depth == 0:
+            self._depth += 1
+            self._leave()
+
+    def _leave(self) -> None:
+        """End a fan-out operation; at the outermost, handle evictions it caused.
+
+        Evictions happen inside loops over the subscribers, so they are
+        handled after those loops: removing the connection and publishing the
+        ``SLOW_CONSUMER`` alert (which may evict more connections in turn).
+        """
+        try:
+            if self._depth == 1:
+                while self._evicted:
+                    member = self._evicted.pop(0)
+                    if self._members.get(member.sub.conn_id) is not member:
+                        continue
+                    self.remove(member.sub)
+                    self.evictions += 1
+                    queued = member.sub.outbox.eviction_queued_bytes
+                    message = (
+                        f"connection {member.sub.conn_id} ({member.sub.principal.name}) "
+                        f"closed as a slow consumer: {queued} bytes queued, limit "
+                        f"{member.sub.outbox.max_queued_bytes}"
+                    )
+                    log.warning("%s", message)
+                    alert = {
+                        "level": AlertLevel.WARNING.value,
+                        "code": AlertCode.SLOW_CONSUMER.value,
+                        "message": message,
+                        "ts": format_time_ms(self._clock()),
+                    }
+                    self._alerts.append(alert)
+                    self._emit(Channel.ALERTS, alert)
+        finally:
+            self._depth -= 1
+
+    async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = self.heartbeat_s
+        tick = loop.time()
+        while True:
+            tick += period
+            delay = tick - loop.time()
+            if delay < 0:
+                # Fell behind (a stalled loop): skip the missed beats
+                # instead of sending them in a burst.
+                tick = loop.time()
+                delay = 0
+            await asyncio.sleep(delay)
+            try:
+                self.heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _exposure_timer(self) -> None:
+        while True:
+            await self._exposure_wake.wait()
+            self._exposure_wake.clear()
+            while True:
+                try:
+                    due = self.flush_exposure(self._clock())
+                except Exception:
+                    log.exception("exposure flush failed")
+                    due = None
+                if due is None:
+                    break
+                # Bounded by the window, so a clock step cannot stall pushes.
+                wait_ms = min(max(due - self._clock(), 1), self.coalesce_ms)
+                await asyncio.sleep(wait_ms / 1000)
