@@ -1,0 +1,271 @@
+"""``risk-gateway``: serve a gateway, inspect a state directory, replay a journal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.auth import TokenStore, ensure_default_tokens
+from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
+from gateway.journal import StateDirLocked, inspect_state_dir
+from gateway.manager import EmergencyManager
+from gateway.rules import load_rules
+from gateway.server import Gateway
+from gateway.store import Store
+
+log = logging.getLogger("gateway")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.Formatter.converter = __import__("time").gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="risk-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
+    serve.add_argument("--host", help="address to bind (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to bind, 0 for any (overrides server.port)")
+    serve.add_argument("--state-dir", type=Path, help="state directory (overrides persistence)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    inspect = sub.add_parser("inspect", help="show what a state directory holds (read-only)")
+    inspect.add_argument("state_dir", type=Path)
+    inspect.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve_command(args)
+    if args.command == "inspect":
+        return inspect_command(args.state_dir, as_json=args.json)
+    return 2
+
+
+# --------------------------------------------------------------------- serve
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    try:
+        config = with_overrides(
+            load_config(args.config), host=args.host, port=args.port, state_dir=args.state_dir
+        )
+    except ConfigError as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+        runner = asyncio.run
+    try:
+        return int(runner(_serve(config)))
+    except KeyboardInterrupt:  # pragma: no cover - Ctrl-C before the handler is set
+        return 0
+
+
+async def _serve(config: GatewayConfig) -> int:
+    state_dir = config.persistence.state_dir
+    try:
+        if config.tokens:
+            tokens = TokenStore(config.tokens)
+            printed: dict[str, str] | None = None
+        else:
+            token_configs, printed = ensure_default_tokens(state_dir)
+            tokens = TokenStore(token_configs)
+        rules = load_rules(config.rules)
+    except (ConfigError, ValueError) as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 2
+    manager = EmergencyManager(limits=config.limits, rules=rules)
+    store = Store(
+        manager,
+        state_dir,
+        fsync=config.persistence.fsync,
+        fsync_interval_ms=config.persistence.fsync_interval_ms,
+        snapshot_every=config.persistence.snapshot_every,
+    )
+    try:
+        recovered = store.open()
+    except StateDirLocked as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 1
+    file_limits = config.limits.to_wire()
+    if recovered.fresh:
+        manager.adopt_file_limits(config.limits)
+    gateway = Gateway(config, tokens=tokens, manager=manager, store=store)
+    await gateway.start()
+    if not recovered.fresh and manager.file_limits != file_limits:
+        # The operator edited the file since its limits were last applied.
+        await gateway.reload_limits(config.limits, actor="config")
+        log.warning("limits from %s applied as version %d", config.source, manager.limits_version)
+    log.info(
+        "recovered %d records (snapshot seq %d) in %.3f s; mode %s",
+        store.replayed,
+        recovered.snapshot_seq,
+        store.recovery_seconds,
+        manager.gateway_mode.mode.value,
+    )
+    if printed:
+        print(
+            "First start: one token per role (stored only as SHA-256 in "
+            f"{state_dir / 'tokens.toml'}; shown once):"
+        )
+        for role, token in printed.items():
+            print(f"  {role:7} {token}")
+    http_url = f"http://{gateway.host}:{gateway.port}/"
+    print(f"risk-gateway listening on {gateway.url} (dashboard {http_url})", flush=True)
+    log.info(
+        "listening on %s, state in %s, fsync %s", gateway.url, state_dir, config.persistence.fsync
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(_reload(gateway, config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.stop()
+    log.info("stopped cleanly")
+    return 0
+
+
+async def _reload(gateway: Gateway, config: GatewayConfig) -> None:
+    if config.source is None:
+        log.warning("SIGHUP: no config file to re-read")
+        return
+    try:
+        fresh = load_config(config.source)
+    except ConfigError as exc:
+        log.error("SIGHUP: keeping the current limits: %s", exc)
+        return
+    with contextlib.suppress(Exception):
+        if await gateway.reload_limits(fresh.limits, actor="config"):
+            log.warning("SIGHUP: limits from %s applied", config.source)
+        else:
+            log.info("SIGHUP: limits unchanged")
+
+
+# ------------------------------------------------------------------- inspect
+
+
+def describe_state_dir(state_dir: Path) -> dict[str, Any]:
+    """What ``inspect`` reports: the journal's view plus the state it rebuilds."""
+    report = inspect_state_dir(state_dir)
+    manager = EmergencyManager()
+    snapshot = report.pop("snapshot_payload", None)
+    tail = report.pop("tail_payloads", [])
+    if snapshot is not None:
+        manager.load_snapshot(snapshot)
+    manager.replay(tail)
+    report["emergency"] = manager.emergency_view()
+    report["accounts"] = len(manager.accounts)
+    report["positions"] = sum(
+        1 for book in manager.accounts.values() for sym in book.positions.values() if sym.reported
+    )
+    report["reservations"] = len(manager.reservations)
+    report["gross_exposure"] = str(manager.gross_exposure)
+    report["limits_version"] = manager.limits_version
+    return report
+
+
+def inspect_command(state_dir: Path, *, as_json: bool) -> int:
+    if not state_dir.is_dir():
+        print(f"risk-gateway: {state_dir} is not a directory", file=sys.stderr)
+        return 2
+    report = describe_state_dir(state_dir)
+    if as_json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_report(report)
+    return 1 if report.get("damage") else 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    out = sys.stdout.write
+    out(f"state directory  {report['state_dir']}\n")
+    for snap in report.get("snapshots", []):
+        status = "ok" if snap.get("valid") else f"UNREADABLE: {snap.get('error')}"
+        out(f"snapshot         {snap['file']} seq {snap['seq']} ({snap['bytes']} bytes) {status}\n")
+    if not report.get("snapshots"):
+        out("snapshot         none\n")
+    for seg in report.get("segments", []):
+        out(
+            f"journal segment  {seg['file']} seq {seg['first_seq']}..{seg['last_seq']} "
+            f"({seg['records']} records, {seg['bytes']} bytes)\n"
+        )
+    out(
+        f"records          {report.get('records')} (seq {report.get('first_seq')}.."
+        f"{report.get('last_seq')})\n"
+    )
+    emergency = report["emergency"]
+    out(
+        f"emergency        {emergency['mode']} (version {emergency['version']}, by "
+        f"{emergency['actor']}: {emergency['reason'] or '-'})\n"
+    )
+    for account, state in emergency.get("accounts", {}).items():
+        out(f"  account {account}: {state['mode']} by {state['actor']}: {state['reason']}\n")
+    out(
+        f"accounts         {report['accounts']}, positions {report['positions']}, "
+        f"reservations {report['reservations']}, gross exposure {report['gross_exposure']}\n"
+    )
+    out(f"limits version   {report['limits_version']}\n")
+    damage = report.get("damage")
+    if damage:
+        out(f"DAMAGE           {damage['file']} at offset {damage['offset']}: {damage['detail']}\n")
+    else:
+        out("damage           none\n")
+    torn = report.get("torn_tail")
+    if torn:
+        out(
+            f"torn tail        {torn['file']} at offset {torn['offset']}: {torn['detail']} "
+            "(dropped at next start)\n"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the gateway (``GET /metrics``).
+
+One registry per process; the names are the contract of docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+VALIDATIONS = Counter(
+    "riskgw_validations_total", "Order validations by decision", ["decision"], registry=REGISTRY
+)
+REJECT_REASONS = Counter(
+    "riskgw_reject_reasons_total", "Failed checks by reason code", ["reason"], registry=REGISTRY
+)
+REQUESTS = Counter(
+    "riskgw_requests_total",
+    "Requests by method and outcome (ok or an error code)",
+    ["method", "code"],
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter(
+    "riskgw_auth_failures_total", "Refused authentications by cause", ["reason"], registry=REGISTRY
+)
+CONNECTIONS = Gauge(
+    "riskgw_connections", "Authenticated connections by role", ["role"], registry=REGISTRY
+)
+SUBSCRIBERS = Gauge("riskgw_subscribers", "Subscribers per channel", ["channel"], registry=REGISTRY)
+QUEUED_BYTES = Gauge("riskgw_queued_bytes", "Bytes queued for all subscribers", registry=REGISTRY)
+EVICTIONS = Counter(
+    "riskgw_slow_consumer_evictions_total", "Connections closed 4003", registry=REGISTRY
+)
+EMERGENCY_MODE = Gauge(
+    "riskgw_emergency_mode", "Gateway-wide mode: 0 normal, 1 reducing, 2 halted", registry=REGISTRY
+)
+GROSS_EXPOSURE = Gauge("riskgw_gross_exposure", "Gateway gross exposure", registry=REGISTRY)
+JOURNAL_RECORDS = Gauge(
+    "riskgw_journal_records_written", "Journal records written since start", registry=REGISTRY
+)
+JOURNAL_FSYNCS = Gauge("riskgw_journal_fsyncs", "Journal fsyncs since start", registry=REGISTRY)
+JOURNAL_FSYNC_SECONDS = Gauge(
+    "riskgw_journal_fsync_seconds_total", "Time spent in journal fsync", registry=REGISTRY
+)
+JOURNAL_LAST_BATCH = Gauge(
+    "riskgw_journal_last_batch_records", "Records in the last group commit", registry=REGISTRY
+)
+VALIDATION_LATENCY = Histogram(
+    "riskgw_validation_seconds",
+    "Time to decide a validation inside the gateway",
+    buckets=(0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.005, 0.05),
+    registry=REGISTRY,
+)
+
+
+def update_journal(stats: dict[str, Any]) -> None:
+    JOURNAL_RECORDS.set(stats.get("records_written", 0))
+    JOURNAL_FSYNCS.set(stats.get("fsyncs", 0))
+    JOURNAL_FSYNC_SECONDS.set(stats.get("fsync_seconds_total", 0.0))
+    JOURNAL_LAST_BATCH.set(stats.get("last_batch_records", 0))
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,753 @@
+"""The WebSocket and HTTP shell: ``ws://HOST:PORT/v1/ws``, ``/healthz``, ``/metrics``, ``/``.
+
+The server decodes a frame through the codec, checks the caller's role and
+accounts, asks the manager, hands the manager's records to the journal and its
+events to the fan-out, and answers. It makes no risk decision itself.
+
+Acknowledgements of state changes wait for the journal (per the fsync policy)
+in a task of their own, so one connection may pipeline many updates and one
+fsync serves them all; read-only answers go out at once. Responses may
+therefore come out of request order; they are matched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
+
+from gateway import metrics
+from gateway.auth import Principal, TokenStore
+from gateway.config import GatewayConfig, Limits
+from gateway.fanout import Fanout, Outbox
+from gateway.journal import PersistenceError
+from gateway.manager import EmergencyManager
+from gateway.store import Store
+from protocol import codec
+from protocol.codes import PROTOCOL_VERSION, CloseCode, ErrorCode, Mode, Role
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    EmergencySet,
+    LimitsSet,
+    OrderValidate,
+    PositionSnapshot,
+    PositionUpdate,
+    PriceUpdate,
+    Request,
+    ReservationRelease,
+    SessionAuth,
+    SessionHello,
+    StateGet,
+    Subscribe,
+    Unsubscribe,
+)
+from protocol.values import format_time_ms
+
+log = logging.getLogger("gateway.server")
+
+SERVER_NAME = "risk-gateway/0.1.0"
+WS_PATH = "/v1/ws"
+DASHBOARD_FILE = Path(__file__).resolve().parent.parent / "clients" / "dashboard" / "index.html"
+# The dashboard's files, served from DASHBOARD_FILE's directory: path -> (file, content type).
+_DASHBOARD_ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+# Methods that change state: refused with UNAVAILABLE once persistence failed.
+_WRITES = frozenset(
+    {
+        "position.update",
+        "position.snapshot",
+        "price.update",
+        "reservation.release",
+        "emergency.set",
+        "limits.set",
+    }
+)
+_TRADING = frozenset(
+    {
+        "position.update",
+        "position.snapshot",
+        "price.update",
+        "order.validate",
+        "reservation.release",
+    }
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One WebSocket connection: who it is and what it asked for."""
+
+    conn_id: int
+    ws: ServerConnection
+    outbox: Outbox
+    peer: str
+    principal: Principal | None = None
+    cancel_on_disconnect: bool = False
+    window_start: float = 0.0
+    window_count: int = 0
+    over_since: float | None = None
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def send(self, frame: bytes) -> None:
+        """Send a response, keeping order behind any queued pushes."""
+        if self.outbox.busy:
+            self.outbox.push(frame)
+        else:
+            await self.ws.send(frame, text=True)
+
+
+class Gateway:
+    """One gateway: manager, store, fan-out and the listening server."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        tokens: TokenStore,
+        manager: EmergencyManager,
+        store: Store | None,
+        clock: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.manager = manager
+        self.store = store
+        self.clock = clock
+        self.epoch = clock()
+        self.fanout = Fanout(manager, heartbeat_s=config.server.heartbeat_s, clock=clock)
+        self.sessions: dict[int, Session] = {}
+        self.per_ip: dict[str, int] = {}
+        self._next_conn = 1
+        self._preauth: dict[ServerConnection, Principal] = {}
+        self._admin_lock = asyncio.Lock()
+        self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.port = 0
+        self.host = config.server.host
+        self._stopping = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind and serve. The state must already be recovered (``Store.open``)."""
+        if self.store is not None and self.store.journal is None:
+            await self.store.start()
+        self._publish()
+        server_cfg = self.config.server
+        self._server = await serve(
+            self._handle,
+            server_cfg.host,
+            server_cfg.port,
+            process_request=self._process_request,
+            compression=None,
+            max_size=server_cfg.max_message_bytes,
+            ping_interval=20,
+            ping_timeout=20,
+            server_header=SERVER_NAME,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        self.fanout.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="reservation-sweeper")
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}{WS_PATH}"
+
+    async def stop(self) -> None:
+        """Graceful stop: no new connections, close all with 1001, flush, snapshot."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        for session in list(self.sessions.values()):
+            for task in list(session.pending):
+                with contextlib.suppress(BaseException):
+                    await task
+        await self.fanout.stop()
+        if self.store is not None:
+            self._commit()
+            await self.store.close(snapshot=True)
+
+    async def _sweep(self) -> None:
+        """Expire reservations on time even when no request arrives."""
+        while True:
+            await asyncio.sleep(0.05)
+            self.manager.expire_reservations(self.clock())
+            self._commit()
+            self._publish()
+
+    # --------------------------------------------------------- the handshake
+
+    def _process_request(
+        self, connection: ServerConnection, request: HttpRequest
+    ) -> HttpResponse | None:
+        path = request.path.split("?", 1)[0]
+        if path != WS_PATH:
+            return self._http(connection, request, path)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in self._allowed_origins():
+            metrics.AUTH_FAILURES.labels(reason="origin").inc()
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        peer = _peer_host(connection)
+        server_cfg = self.config.server
+        if len(self.sessions) >= server_cfg.max_connections:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        if self.per_ip.get(peer, 0) >= server_cfg.max_connections_per_ip:
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address\n"
+            )
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            principal = (
+                self.tokens.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+            )
+            if principal is None:
+                metrics.AUTH_FAILURES.labels(reason="bad_token").inc()
+                log.warning("refused handshake from %s: wrong token", peer)
+                response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="risk-gateway"'
+                return response
+            self._preauth[connection] = principal
+        return None
+
+    def _allowed_origins(self) -> set[str]:
+        own = {f"http://{self.host}:{self.port}"}
+        if self.host in ("127.0.0.1", "localhost"):
+            own |= {f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}"}
+        return own | set(self.config.server.allowed_origins)
+
+    def _http(self, connection: ServerConnection, request: HttpRequest, path: str) -> HttpResponse:
+        if path == "/healthz":
+            failed = self.store.failed if self.store is not None else None
+            if failed is not None:
+                body = {
+                    "status": "failing",
+                    "mode": self.manager.gateway_mode.mode.value,
+                    "reason": f"persistence failure: {failed}",
+                }
+                return _json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, body)
+            body = {"status": "ok", "mode": self.manager.gateway_mode.mode.value}
+            return _json_response(http.HTTPStatus.OK, body)
+        if path == "/metrics":
+            self._refresh_gauges()
+            payload, content_type = metrics.render()
+            return HttpResponse(
+                200,
+                "OK",
+                Headers([("Content-Type", content_type), ("Content-Length", str(len(payload)))]),
+                payload,
+            )
+        asset = _DASHBOARD_ASSETS.get(path)
+        if asset is not None:
+            name, content_type = asset
+            try:
+                page = (DASHBOARD_FILE.parent / name).read_bytes()
+            except OSError:
+                return connection.respond(http.HTTPStatus.NOT_FOUND, "dashboard not installed\n")
+            return HttpResponse(
+                200,
+                "OK",
+                Headers(
+                    [
+                        ("Content-Type", content_type),
+                        ("Content-Length", str(len(page))),
+                        ("Cache-Control", "no-store"),
+                        ("X-Content-Type-Options", "nosniff"),
+                    ]
+                ),
+                page,
+            )
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _refresh_gauges(self) -> None:
+        manager = self.manager
+        metrics.EMERGENCY_MODE.set(
+            {Mode.NORMAL: 0, Mode.REDUCING: 1, Mode.HALTED: 2}[manager.gateway_mode.mode]
+        )
+        metrics.GROSS_EXPOSURE.set(float(manager.gross_exposure))
+        by_role = {role.value: 0 for role in Role}
+        for session in self.sessions.values():
+            if session.principal is not None:
+                by_role[session.principal.role.value] += 1
+        for role, count in by_role.items():
+            metrics.CONNECTIONS.labels(role=role).set(count)
+        stats = self.fanout.stats()
+        metrics.QUEUED_BYTES.set(stats.get("queued_bytes", 0))
+        for channel, count in stats.get("subscribers", {}).items():
+            metrics.SUBSCRIBERS.labels(channel=channel).set(count)
+        if self.store is not None:
+            metrics.update_journal(self.store.stats())
+
+    # ---------------------------------------------------------- connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn_id = self._next_conn
+        self._next_conn += 1
+        peer = _peer_host(ws)
+        outbox = Outbox(
+            ws,
+            max_queued_bytes=self.config.server.max_queued_bytes,
+            on_evict=lambda _box: metrics.EVICTIONS.inc(),
+        )
+        session = Session(conn_id=conn_id, ws=ws, outbox=outbox, peer=peer)
+        self.sessions[conn_id] = session
+        self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
+        principal = self._preauth.pop(ws, None)
+        auth_timer: asyncio.TimerHandle | None = None
+        if principal is not None:
+            self._authenticated(session, principal)
+        else:
+            auth_timer = asyncio.get_running_loop().call_later(
+                self.config.server.auth_timeout_s, self._auth_timeout, session
+            )
+        try:
+            await self._read_loop(session)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("connection %d failed", conn_id)
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if auth_timer is not None:
+                auth_timer.cancel()
+            self._closed(session)
+
+    def _authenticated(self, session: Session, principal: Principal) -> None:
+        session.principal = principal
+        self.fanout.add(session)  # type: ignore[arg-type]
+
+    def _auth_timeout(self, session: Session) -> None:
+        if session.principal is None:
+            metrics.AUTH_FAILURES.labels(reason="timeout").inc()
+            task = asyncio.create_task(
+                _close(session.ws, CloseCode.AUTH_FAILED, "authentication timeout")
+            )
+            session.pending.add(task)
+            task.add_done_callback(session.pending.discard)
+
+    def _closed(self, session: Session) -> None:
+        self.sessions.pop(session.conn_id, None)
+        count = self.per_ip.get(session.peer, 1) - 1
+        if count:
+            self.per_ip[session.peer] = count
+        else:
+            self.per_ip.pop(session.peer, None)
+        session.outbox.close()
+        if session.principal is not None:
+            self.fanout.remove(session)  # type: ignore[arg-type]
+        if session.cancel_on_disconnect and session.principal is not None:
+            released = self.manager.release_connection(session.conn_id, self.clock())
+            from protocol.codes import AlertCode, AlertLevel
+
+            self.manager.raise_alert(
+                AlertLevel.WARNING,
+                AlertCode.CLIENT_DISCONNECTED,
+                f"connection {session.conn_id} of {session.principal.name} closed; "
+                f"released {released} reservation(s)",
+            )
+            self._commit()
+            self._publish()
+
+    async def _read_loop(self, session: Session) -> None:
+        ws = session.ws
+        limit = self.config.server.max_messages_per_second
+        while True:
+            frame = await ws.recv(decode=False)
+            now = time.monotonic()
+            if now - session.window_start >= 1.0:
+                if session.window_count > limit:
+                    if session.over_since is None:
+                        session.over_since = session.window_start
+                else:
+                    session.over_since = None
+                session.window_start = now
+                session.window_count = 0
+            session.window_count += 1
+            if session.window_count > limit:
+                if session.over_since is not None and now - session.over_since >= 2.0:
+                    await _close(ws, CloseCode.TOO_MANY_MESSAGES, "too many messages")
+                    return
+                metrics.REQUESTS.labels(method="?", code=ErrorCode.RATE_LIMITED.value).inc()
+                await session.send(
+                    codec.encode_error(
+                        codec.peek_id(frame),
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {limit} messages per second on this connection",
+                    )
+                )
+                continue
+            await self._on_frame(session, frame)
+
+    async def _on_frame(self, session: Session, frame: bytes) -> None:
+        try:
+            request = codec.decode(frame)
+        except ProtocolError as exc:
+            metrics.REQUESTS.labels(method="?", code=exc.code.value).inc()
+            await session.send(codec.encode_error(exc.request_id, exc.code, exc.message))
+            return
+        method = request.method
+        try:
+            if session.principal is None and method != "session.auth":
+                raise ProtocolError(
+                    ErrorCode.UNAUTHENTICATED, "authenticate first with session.auth"
+                )
+            outcome = self._dispatch(session, request)
+            if isinstance(outcome, bytes):
+                metrics.REQUESTS.labels(method=method, code="ok").inc()
+                if outcome:  # empty: the answer was already queued in order
+                    await session.send(outcome)
+            else:
+                # Answered from a task once durable; keep reading meanwhile.
+                task = asyncio.create_task(self._answer_later(session, request, outcome))
+                session.pending.add(task)
+                task.add_done_callback(session.pending.discard)
+        except ProtocolError as exc:
+            metrics.REQUESTS.labels(method=method, code=exc.code.value).inc()
+            await session.send(codec.encode_error(request.id, exc.code, exc.message))
+            if exc.code is ErrorCode.UNAUTHENTICATED and method == "session.auth":
+                await _close(session.ws, CloseCode.AUTH_FAILED, "authentication failed")
+        except Exception:
+            log.exception("internal error in %s", method)
+            metrics.REQUESTS.labels(method=method, code=ErrorCode.INTERNAL.value).inc()
+            await session.send(
+                codec.encode_error(request.id, ErrorCode.INTERNAL, "internal error (logged)")
+            )
+
+    async def _answer_later(
+        self, session: Session, request: Request, outcome: Awaitable[dict[str, Any]]
+    ) -> None:
+        try:
+            result = await outcome
+            frame = codec.encode_ok(request.id, result)
+            metrics.REQUESTS.labels(method=request.method, code="ok").inc()
+        except ProtocolError as exc:
+            metrics.REQUESTS.labels(method=request.method, code=exc.code.value).inc()
+            frame = codec.encode_error(request.id, exc.code, exc.message)
+        except PersistenceError as exc:
+            metrics.REQUESTS.labels(method=request.method, code=ErrorCode.UNAVAILABLE.value).inc()
+            frame = codec.encode_error(request.id, ErrorCode.UNAVAILABLE, _unavailable(exc))
+        except Exception:
+            log.exception("internal error in %s", request.method)
+            frame = codec.encode_error(request.id, ErrorCode.INTERNAL, "internal error (logged)")
+        with contextlib.suppress(ConnectionClosed):
+            await session.send(frame)
+
+    # -------------------------------------------------------------- methods
+
+    def _dispatch(self, session: Session, request: Request) -> bytes | Awaitable[dict[str, Any]]:
+        """Run one request. Returns the response bytes, or an awaitable result
+        when the answer must wait for durability."""
+        params = request.params
+        method = request.method
+        principal = session.principal
+        if method == "order.validate":
+            assert isinstance(params, OrderValidate) and principal is not None
+            self._require_trading(principal, params.account)
+            if params.reserve:
+                self._require_writable()
+            decision = self.manager.validate(
+                params,
+                self.clock(),
+                connection=session.conn_id,
+                cancel_on_disconnect=session.cancel_on_disconnect,
+            )
+            metrics.VALIDATIONS.labels(decision=decision["decision"]).inc()
+            for reason in decision["reasons"]:
+                metrics.REJECT_REASONS.labels(reason=reason["code"]).inc()
+            seq = self._commit()
+            self._publish()
+            if params.reserve and decision["reservation_id"] is not None and seq:
+                return self._after_durable(seq, decision)
+            return codec.encode_ok(request.id, decision)
+        if method == "session.auth":
+            assert isinstance(params, SessionAuth)
+            if principal is not None:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "this connection is already authenticated"
+                )
+            found = self.tokens.authenticate(params.token)
+            if found is None:
+                metrics.AUTH_FAILURES.labels(reason="bad_token").inc()
+                log.warning("session.auth from %s: wrong token", session.peer)
+                raise ProtocolError(ErrorCode.UNAUTHENTICATED, "invalid token")
+            # Answer first, then the emergency snapshot push.
+            frame = codec.encode_ok(request.id, found.to_wire())
+            session.outbox.push(frame)
+            self._authenticated(session, found)
+            return b""
+        assert principal is not None
+        if method == "ping":
+            return codec.encode_ok(request.id, {"ts": format_time_ms(self.clock())})
+        if method == "session.hello":
+            assert isinstance(params, SessionHello)
+            session.cancel_on_disconnect = params.cancel_on_disconnect
+            result = {
+                "protocol": PROTOCOL_VERSION,
+                "server": SERVER_NAME,
+                "epoch": self.epoch,
+                **principal.to_wire(),
+                "heartbeat_s": self.config.server.heartbeat_s,
+                "emergency": self.manager.emergency_view(),
+            }
+            return codec.encode_ok(request.id, result)
+        if method in _TRADING:
+            return self._trading(session, request, principal)
+        if method == "emergency.get":
+            return codec.encode_ok(request.id, self.manager.emergency_view())
+        if method == "emergency.set":
+            assert isinstance(params, EmergencySet)
+            self._require_admin(principal, method)
+            self._require_writable()
+            return self._set_emergency(params, principal.name)
+        if method == "state.get":
+            assert isinstance(params, StateGet)
+            return codec.encode_ok(request.id, self._state(principal, params))
+        if method == "limits.get":
+            return codec.encode_ok(request.id, self.manager.limits_view())
+        if method == "limits.set":
+            assert isinstance(params, LimitsSet)
+            self._require_admin(principal, method)
+            self._require_writable()
+            return self._set_limits(params, principal.name)
+        if method == "subscribe":
+            assert isinstance(params, Subscribe)
+            result = self.fanout.subscribe(session, params)  # type: ignore[arg-type]
+            session.outbox.push(codec.encode_ok(request.id, result))
+            self.fanout.deliver_subscription(session)  # type: ignore[arg-type]
+            return b""
+        if method == "unsubscribe":
+            assert isinstance(params, Unsubscribe)
+            return codec.encode_ok(
+                request.id,
+                self.fanout.unsubscribe(session, params),  # type: ignore[arg-type]
+            )
+        raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown method {method}")
+
+    def _trading(
+        self, session: Session, request: Request, principal: Principal
+    ) -> bytes | Awaitable[dict[str, Any]]:
+        params = request.params
+        self._require_writable()
+        manager = self.manager
+        now = self.clock()
+        if isinstance(params, PositionUpdate):
+            self._require_trading(principal, params.account)
+            result = manager.update_position(params, now)
+        elif isinstance(params, PositionSnapshot):
+            self._require_trading(principal, params.account)
+            result = manager.snapshot_positions(params, now)
+        elif isinstance(params, PriceUpdate):
+            if not (principal.role is Role.ADMIN or principal.role is Role.TRADER):
+                raise _forbidden(principal, request.method)
+            result = manager.update_price(params, now)
+        elif isinstance(params, ReservationRelease):
+            if principal.role is Role.VIEWER:
+                raise _forbidden(principal, request.method)
+            res = manager.reservations.get(params.reservation_id)
+            if res is not None and not principal.may_trade_account(res.account):
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"reservation {params.reservation_id} belongs to an account "
+                    f"{principal.name} may not trade",
+                )
+            released = manager.release_reservation(params.reservation_id, "released", now)
+            result = {"released": released is not None}
+        else:  # pragma: no cover - _TRADING lists exactly the cases above
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, request.method)
+        seq = self._commit()
+        self._publish()
+        if not seq:
+            return codec.encode_ok(request.id, result)
+        return self._after_durable(seq, result)
+
+    async def _after_durable(self, seq: int, result: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        await self.store.durable(seq)
+        return result
+
+    async def _set_emergency(self, params: EmergencySet, actor: str) -> dict[str, Any]:
+        """Durable before the response and the push, in every fsync mode.
+
+        Towards safety (e.g. normal -> halted) the change applies at once, so
+        validations stop before the fsync; away from safety it applies only
+        once durable, so a crash can never leave the gateway more open than
+        what was acknowledged.
+        """
+        manager = self.manager
+        async with self._admin_lock:
+            record = manager.prepare_emergency(params, actor, self.clock())
+            if record is None:
+                return manager.emergency_view()
+            log.warning(
+                "emergency change by %s: %s %s -> %s (%s)",
+                actor,
+                "gateway" if params.account is None else f"account {params.account}",
+                manager.mode_of(params.account).value,
+                params.mode.value,
+                params.reason,
+            )
+            if manager.is_tightening(record):
+                manager.apply_record(record)
+                events = manager.drain_events()
+                seq = self._commit()
+                await self._synced(seq)
+            else:
+                seq = self._append(record)
+                await self._synced(seq)
+                manager.apply_committed(record)
+                events = manager.drain_events()
+            self.fanout.publish(events)
+            return manager.emergency_view()
+
+    async def _set_limits(self, params: LimitsSet, actor: str) -> dict[str, Any]:
+        manager = self.manager
+        async with self._admin_lock:
+            record = manager.prepare_limits(params.version, params.limits, actor, self.clock())
+            if record is None:
+                return manager.limits_view()
+            log.warning("limits change by %s to version %d", actor, record["v"])
+            seq = self._append(record)
+            await self._synced(seq)
+            manager.apply_committed(record)
+            self._publish()
+            return manager.limits_view()
+
+    async def reload_limits(self, limits: Limits, actor: str = "config") -> bool:
+        """Apply the config file's [limits] (SIGHUP, or a start with an edited file)."""
+        manager = self.manager
+        async with self._admin_lock:
+            record = manager.prepare_limits(
+                manager.limits_version, limits.to_wire(), actor, self.clock(), from_file=True
+            )
+            if record is None:
+                return False
+            seq = self._append(record)
+            await self._synced(seq)
+            manager.apply_committed(record)
+            self._publish()
+            return True
+
+    def _state(self, principal: Principal, params: StateGet) -> dict[str, Any]:
+        manager = self.manager
+        manager.expire_reservations(self.clock())
+        self._commit()
+        self._publish()
+        if params.account is not None:
+            if not principal.may_read_account(params.account):
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"{principal.name} may not read account {params.account}",
+                )
+            return manager.state_view([params.account])
+        if principal.role is Role.TRADER and "*" not in principal.accounts:
+            return manager.state_view(principal.accounts)
+        return manager.state_view()
+
+    # -------------------------------------------------------------- helpers
+
+    def _require_trading(self, principal: Principal, account: str) -> None:
+        if not principal.may_trade_account(account):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                f"{principal.name} ({principal.role.value}) may not trade account {account}",
+            )
+
+    def _require_admin(self, principal: Principal, method: str) -> None:
+        if principal.role is not Role.ADMIN:
+            raise _forbidden(principal, method)
+
+    def _require_writable(self) -> None:
+        failed = self.store.failed if self.store is not None else None
+        if failed is not None:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, _unavailable(failed))
+
+    def _commit(self) -> int:
+        if self.store is None:
+            self.manager.drain_records()
+            return 0
+        if self.store.failed is not None:
+            self.manager.drain_records()
+            return 0
+        return self.store.commit()
+
+    def _append(self, record: dict[str, Any]) -> int:
+        if self.store is None or self.store.journal is None:
+            return 0
+        return self.store.journal.append(record)
+
+    async def _synced(self, seq: int) -> None:
+        if self.store is not None:
+            await self.store.synced(seq)
+
+    def _publish(self) -> None:
+        events = self.manager.drain_events()
+        if events:
+            self.fanout.publish(events)
+
+
+def _forbidden(principal: Principal, method: str) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.FORBIDDEN, f"{principal.name} ({principal.role.value}) may not call {method}"
+    )
+
+
+def _unavailable(error: BaseException) -> str:
+    return f"state cannot be made durable ({error}); the gateway has halted itself"
+
+
+def _peer_host(connection: ServerConnection) -> str:
+    try:
+        peer = connection.remote_address
+    except Exception:  # transport already gone
+        return "?"
+    return str(peer[0]) if peer else "?"
+
+
+def _json_response(status: http.HTTPStatus, body: dict[str, Any]) -> HttpResponse:
+    payload = orjson.dumps(body) + b"\n"
+    return HttpResponse(
+        status.value,
+        status.phrase,
+        Headers([("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+        payload,
+    )
+
+
+async def _close(ws: ServerConnection, code: int, reason: str) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await ws.close(code, reason)
+    except (TimeoutError, ConnectionClosed, OSError):
+        transport = ws.transport
+        if transport is not None:
+            transport.abort()

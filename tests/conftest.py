@@ -1,0 +1,118 @@
+"""Shared fixtures: a real gateway on 127.0.0.1, port 0, with a temporary state dir."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.auth import TokenStore, hash_token
+from gateway.config import GatewayConfig, Limits, PersistenceConfig, ServerConfig, TokenConfig
+from gateway.manager import EmergencyManager
+from gateway.server import Gateway
+from gateway.store import Store
+from protocol.codes import Role
+from tests.wsclient import TestClient
+
+TOKENS = {
+    "admin": ("admin-token", Role.ADMIN, ()),
+    "viewer": ("viewer-token", Role.VIEWER, ()),
+    "desk-1": ("trader-token", Role.TRADER, ("A1", "A2")),
+    "desk-2": ("trader-b-token", Role.TRADER, ("B1",)),
+}
+ADMIN, VIEWER, TRADER, TRADER_B = "admin-token", "viewer-token", "trader-token", "trader-b-token"
+
+
+def token_configs() -> tuple[TokenConfig, ...]:
+    return tuple(
+        TokenConfig(name=name, role=role, accounts=accounts, token_sha256=hash_token(token))
+        for name, (token, role, accounts) in TOKENS.items()
+    )
+
+
+class RunningGateway:
+    """A started in-process gateway and ways to talk to it."""
+
+    def __init__(self, gateway: Gateway, state_dir: Path) -> None:
+        self.gateway = gateway
+        self.state_dir = state_dir
+        self.clients: list[TestClient] = []
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def manager(self) -> EmergencyManager:
+        return self.gateway.manager
+
+    async def client(self, token: str | None = ADMIN, **kwargs: Any) -> TestClient:
+        client = await TestClient.open(self.url, token, **kwargs)
+        self.clients.append(client)
+        if token is not None:
+            # The emergency snapshot arrives first on every authenticated connection.
+            await client.next_push("emergency")
+        return client
+
+    async def close_clients(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+async def start_gateway(
+    state_dir: Path,
+    *,
+    limits: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    persistence: dict[str, Any] | None = None,
+) -> RunningGateway:
+    config = GatewayConfig(
+        server=ServerConfig(**{"host": "127.0.0.1", "port": 0, **(server or {})}),
+        persistence=PersistenceConfig(state_dir=state_dir, **(persistence or {})),
+        limits=Limits.from_mapping(limits or {}),
+        tokens=token_configs(),
+    )
+    manager = EmergencyManager(limits=config.limits)
+    store = Store(
+        manager,
+        state_dir,
+        fsync=config.persistence.fsync,
+        fsync_interval_ms=config.persistence.fsync_interval_ms,
+        snapshot_every=config.persistence.snapshot_every,
+    )
+    recovered = store.open()
+    if recovered.fresh:
+        manager.adopt_file_limits(config.limits)
+    gateway = Gateway(config, tokens=TokenStore(config.tokens), manager=manager, store=store)
+    await gateway.start()
+    return RunningGateway(gateway, state_dir)
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on demand (``await make_gateway(limits={...})``); all stop at the end."""
+    running: list[RunningGateway] = []
+
+    async def factory(**kwargs: Any) -> RunningGateway:
+        state_dir = kwargs.pop("state_dir", tmp_path / f"state{len(running)}")
+        gw = await start_gateway(state_dir, **kwargs)
+        running.append(gw)
+        return gw
+
+    yield factory
+    for gw in running:
+        await gw.close_clients()
+        await gw.gateway.stop()
+
+
+@pytest.fixture
+async def gw(make_gateway: GatewayFactory) -> RunningGateway:
+    """One gateway on default limits."""
+    return await make_gateway()

@@ -1,0 +1,304 @@
+"""The gateway over a real socket: auth, roles, validation, emergency pushes, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
+from tests.wsclient import TestClient
+
+ORDER = {"account": "A1", "symbol": "BTC-USD", "side": "buy", "qty": "2", "price": "50000"}
+
+
+def http_get(gw: RunningGateway, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.gateway.port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+async def test_handshake_when_token_is_wrong_then_http_401(gw: RunningGateway) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        await connect(gw.url, additional_headers={"Authorization": "Bearer nope"})
+    assert info.value.response.status_code == 401
+
+
+async def test_connect_when_token_is_right_then_emergency_snapshot_is_pushed_first(
+    gw: RunningGateway,
+) -> None:
+    client = await TestClient.open(gw.url, TRADER)
+    push = await client.next_push("emergency")
+    assert push["snapshot"] is True
+    assert push["data"]["mode"] == "normal"
+    assert push["seq"] >= 0
+    await client.close()
+
+
+async def test_session_auth_when_token_is_right_then_role_and_snapshot(gw: RunningGateway) -> None:
+    client = await gw.client(token=None)
+    assert (await client.error("state.get"))["code"] == "UNAUTHENTICATED"
+    result = await client.ok("session.auth", {"token": TRADER})
+    assert result == {"role": "trader", "accounts": ["A1", "A2"], "name": "desk-1"}
+    push = await client.next_push("emergency")
+    assert push["data"]["mode"] == "normal"
+    assert (await client.ok("order.validate", ORDER))["decision"] == "accept"
+
+
+async def test_session_auth_when_token_is_wrong_then_unauthenticated_and_4001(
+    gw: RunningGateway,
+) -> None:
+    client = await gw.client(token=None)
+    error = await client.error("session.auth", {"token": "wrong"})
+    assert error["code"] == "UNAUTHENTICATED"
+    await asyncio.wait_for(client.ws.wait_closed(), 5)
+    assert client.ws.close_code == 4001
+
+
+async def test_connection_when_no_auth_before_deadline_then_closed_4001(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(server={"auth_timeout_s": 0.2})
+    client = await gw.client(token=None)
+    await asyncio.wait_for(client.ws.wait_closed(), 5)
+    assert client.ws.close_code == 4001
+
+
+async def test_validate_when_within_limits_then_accept_with_exposure(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    decision = await client.ok("order.validate", ORDER)
+    assert decision["decision"] == "accept"
+    assert decision["reasons"] == []
+    assert decision["reservation_id"] is None
+    assert decision["exposure"] == {
+        "account": "0",
+        "account_limit": "1000000",
+        "global": "0",
+        "global_limit": "1000000",
+    }
+
+
+async def test_validate_when_over_limits_then_every_reason_listed(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(limits={"max_exposure": "1000", "max_account_exposure": "800"})
+    client = await gw.client(TRADER)
+    decision = await client.ok(
+        "order.validate",
+        {"account": "A1", "symbol": "X", "side": "buy", "qty": "11", "price": "100"},
+    )
+    assert decision["decision"] == "reject"
+    codes = [r["code"] for r in decision["reasons"]]
+    assert codes == ["MAX_EXPOSURE", "MAX_ACCOUNT_EXPOSURE"]
+    assert decision["reasons"][0]["message"] == "gross exposure would be 1100, limit 1000"
+
+
+async def test_trader_when_other_account_then_forbidden(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER_B)
+    error = await client.error("order.validate", ORDER)
+    assert error["code"] == "FORBIDDEN"
+    error = await client.error(
+        "position.update", {"account": "A1", "symbol": "X", "qty": "1", "price": "1"}
+    )
+    assert error["code"] == "FORBIDDEN"
+    assert (await client.error("state.get", {"account": "A1"}))["code"] == "FORBIDDEN"
+
+
+async def test_trader_when_emergency_set_then_forbidden_and_mode_unchanged(
+    gw: RunningGateway,
+) -> None:
+    client = await gw.client(TRADER)
+    error = await client.error("emergency.set", {"mode": "halted", "reason": "x"})
+    assert error["code"] == "FORBIDDEN"
+    assert (await client.ok("emergency.get"))["mode"] == "normal"
+
+
+async def test_viewer_when_writing_then_forbidden(gw: RunningGateway) -> None:
+    client = await gw.client(VIEWER)
+    update = {"account": "A1", "symbol": "X", "qty": "1", "price": "1"}
+    assert (await client.error("position.update", update))["code"] == "FORBIDDEN"
+    assert (await client.error("order.validate", ORDER))["code"] == "FORBIDDEN"
+    assert (await client.error("limits.set", {"version": 1, "limits": {}}))["code"] == "FORBIDDEN"
+    state = await client.ok("state.get")
+    assert state["accounts"] == {}
+
+
+async def test_emergency_set_when_halted_then_every_client_gets_push_and_orders_rejected(
+    gw: RunningGateway,
+) -> None:
+    admin = await gw.client(ADMIN)
+    watchers = [await gw.client(t) for t in (TRADER, TRADER_B, VIEWER)]
+    result = await admin.ok("emergency.set", {"mode": "halted", "reason": "exchange outage"})
+    assert result["mode"] == "halted"
+    assert result["actor"] == "admin"
+    assert result["version"] == 1
+    for client in [admin, *watchers]:
+        push = await client.next_push("emergency")
+        assert push["data"]["mode"] == "halted"
+        assert push["data"]["reason"] == "exchange outage"
+        assert "snapshot" not in push
+    decision = await watchers[0].ok("order.validate", ORDER)
+    assert decision["decision"] == "reject"
+    assert [r["code"] for r in decision["reasons"]] == ["EMERGENCY_HALTED"]
+    assert decision["emergency_version"] == 1
+
+
+async def test_emergency_set_when_same_mode_then_nothing_changes(gw: RunningGateway) -> None:
+    admin = await gw.client(ADMIN)
+    first = await admin.ok("emergency.set", {"mode": "reducing", "reason": "review"})
+    again = await admin.ok("emergency.set", {"mode": "reducing", "reason": "other words"})
+    assert again == first
+    assert (await admin.next_push("emergency"))["data"]["version"] == 1
+    with pytest.raises(TimeoutError):
+        await admin.next_push("emergency", timeout=0.3)
+
+
+async def test_emergency_set_when_account_scoped_then_only_that_account_is_blocked(
+    gw: RunningGateway,
+) -> None:
+    admin = await gw.client(ADMIN)
+    trader = await gw.client(TRADER)
+    view = await admin.ok(
+        "emergency.set", {"mode": "halted", "reason": "desk review", "account": "A1"}
+    )
+    assert view["mode"] == "normal"
+    assert view["accounts"]["A1"]["mode"] == "halted"
+    a1 = await trader.ok("order.validate", ORDER)
+    a2 = await trader.ok("order.validate", {**ORDER, "account": "A2"})
+    assert [r["code"] for r in a1["reasons"]] == ["ACCOUNT_HALTED"]
+    assert a2["decision"] == "accept"
+
+
+async def test_emergency_set_when_reason_missing_then_bad_request(gw: RunningGateway) -> None:
+    admin = await gw.client(ADMIN)
+    error = await admin.error("emergency.set", {"mode": "halted"})
+    assert error["code"] == "BAD_REQUEST"
+    assert "params.reason" in error["message"]
+
+
+async def test_frame_when_not_json_then_id_null_and_connection_still_usable(
+    gw: RunningGateway,
+) -> None:
+    client = await gw.client(TRADER)
+    response = await client.send_raw(b"{not json")
+    assert response["id"] is None
+    assert response["error"]["code"] == "BAD_JSON"
+    response = await client.send_raw(orjson.dumps({"id": 5, "method": "nope"}))
+    assert response == {
+        "id": 5,
+        "status": "error",
+        "error": {"code": "UNKNOWN_METHOD", "message": 'unknown method "nope"'},
+    }
+    assert (await client.ok("order.validate", ORDER))["decision"] == "accept"
+
+
+async def test_params_when_key_misspelt_then_bad_request_naming_it(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    params = {**ORDER, "quantity": "2"}
+    error = await client.error("order.validate", params)
+    assert error["code"] == "BAD_REQUEST"
+    assert "params.quantity" in error["message"]
+
+
+async def test_binary_frame_when_utf8_json_then_answered(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    await client.ws.send(orjson.dumps({"id": "b1", "method": "ping"}), text=False)
+    response = await asyncio.wait_for(client.unmatched.get(), 5)
+    assert response["id"] == "b1"
+    assert response["status"] == "ok"
+
+
+async def test_position_update_then_state_and_exposure_reflect_it(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    result = await client.ok(
+        "position.update", {"account": "A1", "symbol": "BTC-USD", "qty": "-2", "price": "50000"}
+    )
+    assert result == {
+        "account": "A1",
+        "symbol": "BTC-USD",
+        "qty": "-2",
+        "price": "50000",
+        "exposure": "100000",
+    }
+    state = await client.ok("state.get")
+    assert state["accounts"]["A1"]["positions"] == {"BTC-USD": {"qty": "-2", "price": "50000"}}
+    assert state["accounts"]["A1"]["gross_exposure"] == "100000"
+    assert state["gross_exposure"] == "100000"
+    other = await gw.client(TRADER_B)
+    assert (await other.ok("state.get"))["accounts"] == {}
+
+
+async def test_limits_get_then_version_and_wire_limits(gw: RunningGateway) -> None:
+    client = await gw.client(VIEWER)
+    result = await client.ok("limits.get")
+    assert result["version"] == 1
+    assert result["limits"]["max_exposure"] == "1000000"
+    assert result["limits"]["price_collar"] == "0.1"
+
+
+async def test_session_hello_then_protocol_epoch_and_emergency(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    hello = await client.ok("session.hello", {"cancel_on_disconnect": True})
+    assert hello["protocol"] == 1
+    assert hello["role"] == "trader"
+    assert hello["accounts"] == ["A1", "A2"]
+    assert isinstance(hello["epoch"], int)
+    assert hello["emergency"]["mode"] == "normal"
+
+
+async def test_healthz_then_json_with_mode(gw: RunningGateway) -> None:
+    status, body = await asyncio.to_thread(http_get, gw, "/healthz")
+    assert status == 200
+    assert orjson.loads(body) == {"status": "ok", "mode": "normal"}
+    admin = await gw.client(ADMIN)
+    await admin.ok("emergency.set", {"mode": "halted", "reason": "drill"})
+    status, body = await asyncio.to_thread(http_get, gw, "/healthz")
+    assert orjson.loads(body)["mode"] == "halted"
+
+
+async def test_origin_when_not_allowed_then_http_403(gw: RunningGateway) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        await connect(gw.url, origin="http://evil.example")  # type: ignore[arg-type]
+    assert info.value.response.status_code == 403
+    own = f"http://127.0.0.1:{gw.gateway.port}"
+    client = await gw.client(ADMIN, origin=own)
+    assert (await client.ok("ping"))["ts"].endswith("Z")
+
+
+async def test_frame_when_too_large_then_closed_1009(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(server={"max_message_bytes": 1024})
+    client = await gw.client(TRADER)
+    await client.ws.send("x" * 2048)
+    await asyncio.wait_for(client.ws.wait_closed(), 5)
+    assert client.ws.close_code == 1009
+
+
+async def test_emergency_change_when_restarted_then_still_halted(
+    make_gateway: GatewayFactory, tmp_path
+) -> None:
+    state_dir = tmp_path / "durable"
+    gw = await make_gateway(state_dir=state_dir)
+    admin = await gw.client(ADMIN)
+    await admin.ok("emergency.set", {"mode": "halted", "reason": "exchange outage"})
+    await gw.close_clients()
+    await gw.gateway.stop()
+    again = await make_gateway(state_dir=state_dir)
+    client = await again.client(VIEWER)
+    view = await client.ok("emergency.get")
+    assert (view["mode"], view["reason"], view["actor"]) == ("halted", "exchange outage", "admin")
+
+
+async def test_connection_when_closed_by_server_then_client_sees_it(gw: RunningGateway) -> None:
+    client = await gw.client(TRADER)
+    await gw.gateway.stop()
+    with pytest.raises(ConnectionClosed):
+        await client.call("ping", timeout=2)
+    assert client.ws.close_code == 1001
