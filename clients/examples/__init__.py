@@ -1,0 +1,1 @@
+"""Example replay files for ``riskctl replay`` (``make_example.py`` writes them)."""
