@@ -53,6 +53,16 @@ snapshot, and snapshots older than the previous one. Keeping one snapshot interv
 journal means a newest snapshot that later turns unreadable still recovers completely
 (from the previous snapshot plus the journal), though it is reported as damage.
 
+Recovery trusts the newest snapshot that validates, then requires the journal after it
+to continue without gaps. A bad record followed by no valid record in the last segment
+is a torn tail: a crash mid-write, never reported durable, dropped and truncated away.
+(A corrupted final record looks the same and is treated the same; nothing can tell
+them apart.) Any other bad byte, gap or unreadable newest snapshot is damage: recovery
+stops at the last good record and the caller starts halted. Starting a :class:`Journal`
+on a damaged recovery first snapshots the recovered state, then renames the segments
+and unreadable snapshots to ``<name>.damaged-<ns>`` (evidence for the operator), so
+the directory is consistent again and later recoveries are clean.
+
 Durability policies (``fsync=``): ``"always"`` reports a record durable after the
 fdatasync that covers it (group commit: one write and one fdatasync per batch);
 ``"interval"`` and ``"never"`` report it durable once ``write()`` returned, and
@@ -143,8 +153,11 @@ class PersistenceError(Exception):
     """A write/fsync/snapshot failed at run time; the journal is failed for good.
 
     No later record becomes durable; records reported durable before the failure stay
-    durable. The caller should halt, answer state-changing requests with
-    ``UNAVAILABLE``, and restart to recover from disk.
+    durable. A record whose ``durable()`` raised is normally gone from disk too (the
+    journal truncates back to the last acknowledged record), but if that clean-up also
+    fails it can reappear at recovery: treat its outcome as unknown. The caller should
+    halt, answer state-changing requests with ``UNAVAILABLE``, and restart to recover
+    from disk.
     """
 
 
@@ -311,7 +324,16 @@ def lock_state_dir(state_dir: Path) -> StateLock:
     Hold the returned lock for as long as the gateway runs; call :func:`recover` next.
     """
     state_dir = Path(state_dir)
+    created = []
+    ancestor = state_dir
+    while not ancestor.exists():
+        created.append(ancestor)
+        ancestor = ancestor.parent
     state_dir.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(created):
+        # A new directory is only durable once its parent is fsync'ed; otherwise a power
+        # cut could remove the whole state directory and the next start would be fresh.
+        FileOps().fsync_dir(directory.parent)
     path = state_dir / _LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -540,7 +562,9 @@ def _scan_segment(
             except orjson.JSONDecodeError:
                 payloads.append(None)
                 break
-    bad_index = next((i for i, p in enumerate(payloads) if type(p) is not dict), None)
+    bad_index = None
+    if payloads and set(map(type, payloads)) != {dict}:  # map() keeps the common case in C
+        bad_index = next(i for i, p in enumerate(payloads) if type(p) is not dict)
     if bad_index is not None:
         # Checksummed but not a record this journal writes: someone else wrote it.
         damage = Damage(
@@ -738,7 +762,15 @@ def inspect_state_dir(state_dir: Path) -> dict[str, Any]:
     ``tmp_files`` and ``other_files``.
     """
     state_dir = Path(state_dir)
-    analysis = _analyse(state_dir, full=True)
+    for attempt in range(5):
+        try:
+            analysis = _analyse(state_dir, full=True)
+            break
+        except FileNotFoundError:
+            # A running gateway removed a file between listing and reading (inspection
+            # does not take the lock); look again.
+            if attempt == 4:
+                raise
     recovered = _recovered(analysis)
     snapshots = []
     for snap in sorted(analysis.snapshots, key=lambda s: s.seq):
@@ -852,6 +884,7 @@ class Journal:
         self._synced_seq = recovered.last_seq
         self._planned_seq = recovered.last_seq
         self._queue: list[_Item] = []
+        self._inflight: list[_Item] = []  # the batch the writer thread is working on
         self._since_snapshot = 0
         self._last_snapshot_seq = recovered.snapshot_seq
         self._snapshot_scheduled = False
@@ -1120,6 +1153,7 @@ class Journal:
                         return
                     continue
                 items, self._queue = self._queue, []
+                self._inflight = items
                 if sync:
                     self._sync_due = False
                 progress = _Progress(written_seq=self._written_seq, synced_seq=self._synced_seq)
@@ -1134,6 +1168,7 @@ class Journal:
                     self._fail(PersistenceError(f"journal write failed: {exc}"), exc)
                     return
                 self._absorb(progress)
+                self._inflight = []
                 if self._stopping and not self._queue:
                     # One more pass so a final fsync-only batch is not skipped.
                     self._wake.set()
@@ -1177,7 +1212,7 @@ class Journal:
                 if not fut.done():
                     fut.set_exception(make())
             heap.clear()
-        for item in self._queue:
+        for item in itertools.chain(self._inflight, self._queue):
             if isinstance(item, _SnapshotRequest) and item.waiter and not item.waiter.done():
                 item.waiter.set_exception(make())
 
@@ -1190,7 +1225,6 @@ class Journal:
             "journal failed; nothing after seq %d will become durable: %s", self.durable_seq, err
         )
         self._fail_waiters(self._caller_error)
-        # Snapshot requests already handed to the writer thread are no longer in the queue.
         if self._timer_task is not None:
             self._timer_task.cancel()
         self._wake.set()  # let an idle writer notice and exit
@@ -1211,13 +1245,18 @@ class Journal:
             # into mid-log damage.
             _repair_torn_tail(ops, self._dir, torn)
         if rescue is not None:
+            stamp = time.time_ns()
+            clash = self._dir / snapshot_name(rescue.seq)
+            if clash.exists() and _read_snapshot(clash, rescue.seq)[1] is not None:
+                # Keep the unreadable snapshot for the operator instead of overwriting it.
+                ops.replace(clash, clash.with_name(f"{clash.name}.damaged-{stamp}"))
             _write_snapshot_file(ops, self._dir, rescue.seq, rescue.payload)
-            self._set_aside_unusable_files(rescue.seq)
+            # Only now that the snapshot covering them is durable may segments go.
+            self._set_aside_unusable_files(rescue.seq, stamp)
         self._new_segment(self._last_seq + 1)
 
-    def _set_aside_unusable_files(self, keep_snapshot_seq: int) -> None:
+    def _set_aside_unusable_files(self, keep_snapshot_seq: int, stamp: int) -> None:
         ops = self._ops
-        stamp = time.time_ns()
         for name in sorted(os.listdir(self._dir)):
             unusable = _SEGMENT_RE.fullmatch(name) is not None
             if (m := _SNAPSHOT_RE.fullmatch(name)) and int(m[1]) != keep_snapshot_seq:
@@ -1271,8 +1310,9 @@ class Journal:
             self._seg_acked = self._seg_synced
 
     def _truncate_to_acked(self) -> None:
-        # Without this, a later run's records could land after the garbage and turn a
-        # harmless torn tail into mid-log damage. Best effort: we are failing anyway.
+        # Records whose callers are about to be told "failed" must not come back at the
+        # next recovery, and a half-written record should not wait for recovery to be
+        # noticed. Best effort: the journal is failing anyway.
         with contextlib.suppress(OSError):
             self._ops.ftruncate(self._fd, self._seg_acked)
 

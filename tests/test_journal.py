@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.journal import (
@@ -48,16 +49,12 @@ def encode_segment_header(first_seq: int) -> bytes:
 
 
 def encode_record(seq: int, payload: dict[str, Any]) -> bytes:
-    import orjson
-
     body = orjson.dumps(payload)
     crc = zlib.crc32(struct.pack("<Q", seq) + body)
     return struct.pack("<BIIQ", 0xA5, len(body), crc, seq) + body
 
 
 def encode_snapshot(seq: int, payload: dict[str, Any]) -> bytes:
-    import orjson
-
     body = orjson.dumps(payload)
     head = b"RGS1" + struct.pack("<IQQ", 1, seq, len(body))
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
@@ -605,6 +602,40 @@ async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survive
     assert inspect_state_dir(state)["other_files"] == [aside.name]
 
 
+async def test_start_when_newest_snapshot_unreadable_at_same_seq_then_kept_aside_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    await write_records(state, list(range(1, 13)), wave=5, snapshot_every=5)
+    (state / seg_name(11)).unlink()  # the journal now ends exactly at the snapshot's seq
+    bad = state / snap_name(10)
+    bad_bytes = bad.read_bytes()[:-1] + b"!"
+    bad.write_bytes(bad_bytes)
+    rec = recover(state)
+    assert rec.damage is not None and rec.damage.file == snap_name(10)
+    assert rec.snapshot_seq == 5 and rec.last_seq == 10
+    model = Model(rec)
+    journal = Journal(state, rec, snapshot_source=model.snapshot)
+
+    await journal.start()
+    await journal.close(snapshot=False)
+
+    (aside,) = state.glob(snap_name(10) + ".damaged-*")
+    assert aside.read_bytes() == bad_bytes
+    after = recover(state)
+    assert after.damage is None and after.snapshot_seq == 10
+    assert Model(after).items == list(range(1, 11))
+
+
+def test_inspect_when_directory_missing_then_empty_fresh_report(tmp_path: Path) -> None:
+    report = inspect_state_dir(tmp_path / "absent")
+
+    assert report["exists"] is False and report["fresh"] is True
+    assert report["snapshots"] == [] and report["segments"] == []
+    assert report["damage"] is None and report["tail_payloads"] == []
+    assert not (tmp_path / "absent").exists()
+
+
 # --------------------------------------------------------------------------- group commit
 
 
@@ -879,16 +910,20 @@ async def test_failed_journal_when_appending_then_persistence_error(tmp_path: Pa
     state.mkdir()
     ops = FailingSync()
     failures: list[PersistenceError] = []
-    journal = Journal(
-        state, recover(state), snapshot_source=dict, on_failure=failures.append, ops=ops
-    )
+    loop = asyncio.get_running_loop()
+
+    def on_failure(err: PersistenceError) -> None:
+        assert asyncio.get_running_loop() is loop  # called on the loop, not the writer thread
+        failures.append(err)
+
+    journal = Journal(state, recover(state), snapshot_source=dict, on_failure=on_failure, ops=ops)
     await journal.start()
     await journal.durable(journal.append(payload(1)))
     ops.armed = True
     seq = journal.append(payload(2))
 
     with pytest.raises(PersistenceError):
-        await journal.durable(seq)
+        await asyncio.wait_for(journal.durable(seq), timeout=30)
 
     assert journal.failed is not None and len(failures) == 1
     assert journal.durable_seq == 1
