@@ -14,7 +14,6 @@ returns the sequence number to wait on before answering.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +76,6 @@ class Store:
         self.recovery_seconds = time.perf_counter() - started
         damage = recovered.damage
         if damage is not None:
-            self._keep_evidence(damage.file)
             reason = f"recovery found damage in {damage.describe()}; state is as of seq " + str(
                 recovered.last_seq
             )
@@ -90,25 +88,12 @@ class Store:
         manager.expire_reservations(manager._now(None))
         return recovered
 
-    def _keep_evidence(self, name: str) -> None:
-        """Copy a damaged file aside before the journal's clean-up can remove it."""
-        source = self.state_dir / name
-        if not source.is_file():
-            return
-        target_dir = self.state_dir / "damaged"
-        target_dir.mkdir(exist_ok=True)
-        target = target_dir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}"
-        try:
-            shutil.copy2(source, target)
-        except OSError as exc:  # evidence is nice to have; halting does not depend on it
-            log.error("could not copy damaged file %s aside: %s", source, exc)
-
     async def start(self) -> None:
         """Start the journal writer and make the recovery's own records durable.
 
-        After damage, a snapshot is written at once so that the next start
-        recovers the same (halted) state without meeting the damage again; the
-        damaged file stays in ``STATE_DIR/damaged/``.
+        After damage the journal snapshots the (already halted) state and sets
+        the damaged files aside as ``<name>.damaged-<ns>``, so the next start
+        recovers the same halted state without meeting the damage again.
         """
         assert self.recovered is not None, "call open() first"
         journal = Journal(
@@ -125,8 +110,6 @@ class Store:
         seq = self.commit()
         if seq:
             await journal.synced(seq)
-        if self.recovered.damage is not None:
-            await journal.snapshot_now()
 
     def _failed(self, error: PersistenceError) -> None:
         log.critical("persistence failed: %s", error)
