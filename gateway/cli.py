@@ -15,7 +15,7 @@ import orjson
 
 from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
-from gateway.journal import StateDirLocked, inspect_state_dir
+from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager
 from gateway.rules import load_rules
 from gateway.server import Gateway
@@ -63,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show what a state directory holds (read-only)")
     inspect.add_argument("state_dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    replay = sub.add_parser(
+        "replay", help="what-if: re-run the journal's validations against other limits"
+    )
+    replay.add_argument("state_dir", type=Path)
+    replay.add_argument("--config", type=Path, required=True, help="config with the limits to try")
+    replay.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    record = sub.add_parser("record", help="write the journal's trading flow as a replay file")
+    record.add_argument("state_dir", type=Path)
+    record.add_argument("--out", type=Path, required=True, help="NDJSON file to write")
+    record.add_argument(
+        "--decisions", type=Path, help="also write the recorded decisions (for riskctl --expect)"
+    )
     return parser
 
 
@@ -72,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve_command(args)
     if args.command == "inspect":
         return inspect_command(args.state_dir, as_json=args.json)
+    if args.command == "replay":
+        return replay_command(args.state_dir, args.config, as_json=args.json)
+    if args.command == "record":
+        return record_command(args.state_dir, args.out, args.decisions)
     return 2
 
 
@@ -169,7 +185,12 @@ async def _serve(config: GatewayConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("shutting down")
-    await gateway.stop()
+    try:
+        await gateway.stop()
+    except PersistenceError as exc:
+        # Changes after the failure were never acknowledged; recovery starts from disk.
+        log.critical("stopped after a persistence failure (exit 1): %s", exc)
+        return 1
     log.info("stopped cleanly")
     return 0
 
@@ -265,6 +286,61 @@ def _print_report(report: dict[str, Any]) -> None:
             f"torn tail        {torn['file']} at offset {torn['offset']}: {torn['detail']} "
             "(dropped at next start)\n"
         )
+
+
+# ---------------------------------------------------------- replay, record
+
+
+def replay_command(state_dir: Path, config_path: Path, *, as_json: bool) -> int:
+    from gateway.whatif import what_if
+
+    if not state_dir.is_dir():
+        print(f"risk-gateway: {state_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(config_path)
+        rules = load_rules(config.rules)
+    except (ConfigError, ValueError) as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 2
+    result = what_if(state_dir, config.limits, rules)
+    if as_json:
+        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+        return 0
+    span = (
+        f"journal seq {result.first_seq}..{result.last_seq}"
+        if result.first_seq is not None
+        else "an empty journal"
+    )
+    print(
+        f"{result.validations} validations in {span} re-run against {config_path}: "
+        f"{len(result.changed)} decisions would change"
+    )
+    for change in result.changed[:200]:
+        print("  " + change.describe())
+    if len(result.changed) > 200:
+        print(f"  ... and {len(result.changed) - 200} more (use --json for all)")
+    return 0
+
+
+def record_command(state_dir: Path, out: Path, decisions_out: Path | None) -> int:
+    from gateway.whatif import decisions, record
+
+    if not state_dir.is_dir():
+        print(f"risk-gateway: {state_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        lines = record(state_dir, out)
+        if decisions_out is not None:
+            with decisions_out.open("wb") as handle:
+                for line in decisions(state_dir):
+                    handle.write(orjson.dumps(line) + b"\n")
+    except OSError as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {lines} requests to {out}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
-from gateway.manager import EmergencyManager
+from gateway.manager import EmergencyChanged, EmergencyManager
 from gateway.store import Store
 from protocol import codec
 from protocol.codes import PROTOCOL_VERSION, CloseCode, ErrorCode, Mode, Role
@@ -57,6 +57,17 @@ from protocol.messages import (
 from protocol.values import format_time_ms
 
 log = logging.getLogger("gateway.server")
+
+
+class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets' logger without DEBUG: at that level websockets writes every
+    handshake header (``Authorization: Bearer ...`` included) and every frame."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+
+_WS_LOG = _NoDebugLogger(logging.getLogger("websockets.server"), {})
 
 SERVER_NAME = "risk-gateway/0.1.0"
 WS_PATH = "/v1/ws"
@@ -165,6 +176,7 @@ class Gateway:
             ping_interval=20,
             ping_timeout=20,
             server_header=SERVER_NAME,
+            logger=_WS_LOG,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -215,6 +227,11 @@ class Gateway:
         origin = request.headers.get("Origin")
         if origin is not None and origin not in self._allowed_origins():
             metrics.AUTH_FAILURES.labels(reason="origin").inc()
+            log.warning(
+                "refused handshake from %s: origin %r not allowed",
+                _peer_host(connection),
+                origin[:100],
+            )
             return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         peer = _peer_host(connection)
         server_cfg = self.config.server
@@ -349,6 +366,12 @@ class Gateway:
     def _auth_timeout(self, session: Session) -> None:
         if session.principal is None:
             metrics.AUTH_FAILURES.labels(reason="timeout").inc()
+            log.warning(
+                "connection %d from %s: no authentication within auth_timeout_s (%s s), closing",
+                session.conn_id,
+                session.peer,
+                self.config.server.auth_timeout_s,
+            )
             task = asyncio.create_task(
                 _close(session.ws, CloseCode.AUTH_FAILED, "authentication timeout")
             )
@@ -395,6 +418,12 @@ class Gateway:
             session.window_count += 1
             if session.window_count > limit:
                 if session.over_since is not None and now - session.over_since >= 2.0:
+                    log.warning(
+                        "connection %d (%s) closed 4008: over %d messages per second for 2 s",
+                        session.conn_id,
+                        session.principal.name if session.principal else session.peer,
+                        limit,
+                    )
                     await _close(ws, CloseCode.TOO_MANY_MESSAGES, "too many messages")
                     return
                 metrics.REQUESTS.labels(method="?", code=ErrorCode.RATE_LIMITED.value).inc()
@@ -413,6 +442,7 @@ class Gateway:
             request = codec.decode(frame)
         except ProtocolError as exc:
             metrics.REQUESTS.labels(method="?", code=exc.code.value).inc()
+            log.debug("connection %d: frame refused, %s", session.conn_id, exc.code.value)
             await session.send(codec.encode_error(exc.request_id, exc.code, exc.message))
             return
         method = request.method
@@ -433,6 +463,7 @@ class Gateway:
                 task.add_done_callback(session.pending.discard)
         except ProtocolError as exc:
             metrics.REQUESTS.labels(method=method, code=exc.code.value).inc()
+            log.debug("connection %d: %s refused, %s", session.conn_id, method, exc.code.value)
             await session.send(codec.encode_error(request.id, exc.code, exc.message))
             if exc.code is ErrorCode.UNAUTHENTICATED and method == "session.auth":
                 await _close(session.ws, CloseCode.AUTH_FAILED, "authentication failed")
@@ -475,13 +506,24 @@ class Gateway:
             self._require_trading(principal, params.account)
             if params.reserve:
                 self._require_writable()
+            started = time.perf_counter()
             decision = self.manager.validate(
                 params,
                 self.clock(),
                 connection=session.conn_id,
                 cancel_on_disconnect=session.cancel_on_disconnect,
             )
+            metrics.VALIDATION_LATENCY.observe(time.perf_counter() - started)
             metrics.VALIDATIONS.labels(decision=decision["decision"]).inc()
+            if decision["reasons"] and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "connection %d: order.validate %s %s %s rejected: %s",
+                    session.conn_id,
+                    params.account,
+                    params.symbol,
+                    params.side,
+                    ", ".join(reason["code"] for reason in decision["reasons"]),
+                )
             for reason in decision["reasons"]:
                 metrics.REJECT_REASONS.labels(reason=reason["code"]).inc()
             seq = self._commit()
@@ -635,7 +677,17 @@ class Gateway:
             record = manager.prepare_limits(params.version, params.limits, actor, self.clock())
             if record is None:
                 return manager.limits_view()
-            log.warning("limits change by %s to version %d", actor, record["v"])
+            current = manager.limits.to_wire()
+            log.warning(
+                "limits change by %s to version %d: %s",
+                actor,
+                record["v"],
+                ", ".join(
+                    f"{key} {current.get(key)} -> {value}"
+                    for key, value in sorted(record["limits"].items())
+                    if current.get(key) != value
+                ),
+            )
             seq = self._append(record)
             await self._synced(seq)
             manager.apply_committed(record)
@@ -712,6 +764,16 @@ class Gateway:
     def _publish(self) -> None:
         events = self.manager.drain_events()
         if events:
+            for event in events:
+                if type(event) is EmergencyChanged:  # the gateway's own (admins' are logged)
+                    view = event.view
+                    log.warning(
+                        "emergency change by %s: gateway %s (%s), version %d",
+                        view["actor"],
+                        view["mode"],
+                        view["reason"],
+                        view["version"],
+                    )
             self.fanout.publish(events)
 
 

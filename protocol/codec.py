@@ -7,6 +7,7 @@ server sends; the gateway never builds a frame any other way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -339,11 +340,9 @@ def _loads_out_of_range_numbers(frame: bytes | str) -> Any:
 # the frame has matches, no key was repeated (orjson keeps the last silently).
 _KEY_END = re.compile(rb'"\s*:')
 _KEY_END_TEXT = re.compile(r'"\s*:')
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
+# Without a quote followed by whitespace, the matches are exactly the '":' pairs,
+# which bytes.count finds faster than the regex.
+_QUOTE_SPACE = re.compile(rb'"\s')
 
 
 def _count_keys(obj: dict[str, Any]) -> int:
@@ -363,57 +362,54 @@ def _count_keys(obj: dict[str, Any]) -> int:
     return count
 
 
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return obj
-
-
 def _ignore_number(_text: str) -> int:
     return 0
 
 
-def _duplicate_key(frame: bytes | str, obj: dict[str, Any]) -> str | None:
-    """The first repeated key of the frame's objects, or None when there is none.
+def _duplicate_key_error(frame: bytes | str, obj: dict[str, Any]) -> ProtocolError | None:
+    """``BAD_REQUEST`` naming the first key an object of the frame repeats, else None.
 
-    Cheap when there is none (one regex scan and a walk over the parsed keys);
-    only a frame whose counts differ is parsed again, key by key.
+    Cheap when no key repeats (one scan of the frame and a walk over the parsed
+    keys); only a frame whose counts differ is read again, pair by pair.
     """
     if isinstance(frame, str):
         matches = len(_KEY_END_TEXT.findall(frame))
+    elif _QUOTE_SPACE.search(frame) is None:
+        matches = frame.count(b'":')
     else:
         matches = len(_KEY_END.findall(frame))
     if matches == _count_keys(obj):
         return None
+    repeated: list[str] = []
+
+    def keys_of(pairs: list[tuple[str, Any]]) -> list[str]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            for key in keys:
+                if key in seen:
+                    repeated.append(key)
+                seen.add(key)
+        return keys
+
     try:
-        json.loads(
+        top_keys = json.loads(
             frame,
-            object_pairs_hook=_unique_pairs,
+            object_pairs_hook=keys_of,
             parse_int=_ignore_number,
             parse_float=_ignore_number,
             parse_constant=_ignore_number,
         )
-    except _DuplicateKey as exc:
-        return exc.key
     except RecursionError:
-        raise bad_request("frame nests too deeply to be checked for duplicate keys") from None
+        return bad_request("frame nests too deeply to be checked for duplicate keys")
     except ValueError:
-        raise bad_request("frame cannot be checked for duplicate keys") from None
-    return None
-
-
-def _duplicate_key_error(key: str, obj: dict[str, Any]) -> ProtocolError:
-    error = bad_request(f"duplicate key {show(key)}")
-    if key != "id":  # a repeated id is ambiguous: answer with a null id
-        try:
+        return bad_request("frame cannot be checked for duplicate keys")
+    if not repeated:
+        return None
+    error = bad_request(f"duplicate key {show(repeated[0])}")
+    if top_keys.count("id") == 1:  # a repeated id is ambiguous: the error's id stays null
+        with contextlib.suppress(ProtocolError):
             error.request_id = _request_id(obj)
-        except ProtocolError:
-            pass
     return error
 
 
@@ -434,9 +430,9 @@ def decode(frame: bytes | str) -> Request:
             raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise bad_request(f"a request must be a JSON object, was {show(obj)}")
-    duplicate = _duplicate_key(frame, obj)
+    duplicate = _duplicate_key_error(frame, obj)
     if duplicate is not None:
-        raise _duplicate_key_error(duplicate, obj)
+        raise duplicate
     rid = _request_id(obj)
     try:
         for key in obj:
