@@ -119,6 +119,9 @@ class AccountBook:
     recent_orders: deque[int] = field(default_factory=deque)
     warned: bool = False  # EXPOSURE_WARNING raised and not yet cleared
     breached: bool = False  # EXPOSURE_BREACH raised and not yet cleared
+    # Named by a position or a reservation. A book opened only by validations
+    # (for its rate window) is not shown in STATE.
+    known: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -556,6 +559,7 @@ class EmergencyManager:
             res = self.reservations.get(release)
             if res is not None:
                 self._drop_reservation(res)
+        book.known = True
         sym = book.positions.get(rec["s"])
         if sym is None:
             sym = book.positions[rec["s"]] = SymbolBook()
@@ -591,6 +595,7 @@ class EmergencyManager:
 
     def _apply_position_snapshot(self, rec: Mapping[str, Any]) -> None:
         book = self._book(rec["a"])
+        book.known = True
         named = set()
         for symbol, qty, price in rec["pos"]:
             named.add(symbol)
@@ -634,6 +639,7 @@ class EmergencyManager:
 
     def _add_reservation(self, res: Reservation) -> None:
         book = self._book(res.account)
+        book.known = True
         sym = book.positions.get(res.symbol)
         if sym is None:
             sym = book.positions[res.symbol] = SymbolBook()
@@ -961,7 +967,7 @@ class EmergencyManager:
         out: dict[str, Any] = {}
         for name in names:
             book = self.accounts.get(name)
-            if book is None:
+            if book is None or not book.known:
                 continue
             out[name] = {
                 "positions": {
@@ -1073,6 +1079,7 @@ class EmergencyManager:
             },
             "accounts": {
                 name: {
+                    "known": book.known,
                     "seq": book.seq,
                     "stale": book.stale,
                     "positions": [
@@ -1128,6 +1135,7 @@ class EmergencyManager:
         self.gross_exposure = ZERO
         for name, data in snap["accounts"].items():
             book = self._book(name)
+            book.known = data.get("known", True)
             book.seq = data["seq"]
             book.stale = data["stale"]
             for symbol, qty, price in data["positions"]:

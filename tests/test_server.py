@@ -302,3 +302,15 @@ async def test_connection_when_closed_by_server_then_client_sees_it(gw: RunningG
     with pytest.raises(ConnectionClosed):
         await client.call("ping", timeout=2)
     assert client.ws.close_code == 1001
+
+
+async def test_state_when_account_only_validated_then_absent_until_it_holds_something(
+    gw: RunningGateway,
+) -> None:
+    trader = await gw.client(TRADER)
+    await trader.ok("order.validate", {**ORDER, "account": "A2"})
+    assert "A2" not in (await trader.ok("state.get"))["accounts"]
+    decision = await trader.ok("order.validate", {**ORDER, "account": "A2", "reserve": True})
+    await trader.ok("reservation.release", {"reservation_id": decision["reservation_id"]})
+    shown = (await trader.ok("state.get"))["accounts"]["A2"]
+    assert shown["gross_exposure"] == "0"
