@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway import metrics
 from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
@@ -135,6 +136,7 @@ async def _serve(config: GatewayConfig) -> int:
         fsync=config.persistence.fsync,
         fsync_interval_ms=config.persistence.fsync_interval_ms,
         snapshot_every=config.persistence.snapshot_every,
+        on_batch=metrics.observe_batch,
     )
     try:
         recovered = store.open()

@@ -861,6 +861,7 @@ class Journal:
         snapshot_source: Callable[[], dict[str, Any]],
         on_failure: Callable[[PersistenceError], None] | None = None,
         ops: FileOps | None = None,
+        on_batch: Callable[[int, float | None], None] | None = None,
     ) -> None:
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
@@ -875,6 +876,7 @@ class Journal:
         self._snapshot_every = snapshot_every
         self._snapshot_source = snapshot_source
         self._on_failure = on_failure
+        self._on_batch = on_batch
         self._ops = ops or FileOps()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
 
@@ -1193,6 +1195,10 @@ class Journal:
         stats["fsync_seconds_total"] += progress.fsync_seconds
         stats["last_batch_records"] = progress.records
         stats["snapshots"] += len(progress.snapshots)
+        if self._on_batch is not None and progress.records:
+            # Per batch, for latency histograms: records written and, when the
+            # batch was fsynced, the time its fsync took.
+            self._on_batch(progress.records, progress.fsync_seconds if progress.fsyncs else None)
         for request in progress.snapshots:
             if request.waiter is not None and not request.waiter.done():
                 request.waiter.set_result(None)

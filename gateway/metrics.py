@@ -49,11 +49,20 @@ JOURNAL_RECORDS = Gauge(
     "riskgw_journal_records_written", "Journal records written since start", registry=REGISTRY
 )
 JOURNAL_FSYNCS = Gauge("riskgw_journal_fsyncs", "Journal fsyncs since start", registry=REGISTRY)
-JOURNAL_FSYNC_SECONDS = Gauge(
-    "riskgw_journal_fsync_seconds_total", "Time spent in journal fsync", registry=REGISTRY
-)
 JOURNAL_LAST_BATCH = Gauge(
     "riskgw_journal_last_batch_records", "Records in the last group commit", registry=REGISTRY
+)
+JOURNAL_FSYNC_LATENCY = Histogram(
+    "riskgw_journal_fsync_seconds",
+    "Time one journal fdatasync took",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0),
+    registry=REGISTRY,
+)
+JOURNAL_BATCH_RECORDS = Histogram(
+    "riskgw_journal_batch_records",
+    "Records per group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
+    registry=REGISTRY,
 )
 VALIDATION_LATENCY = Histogram(
     "riskgw_validation_seconds",
@@ -66,8 +75,13 @@ VALIDATION_LATENCY = Histogram(
 def update_journal(stats: dict[str, Any]) -> None:
     JOURNAL_RECORDS.set(stats.get("records_written", 0))
     JOURNAL_FSYNCS.set(stats.get("fsyncs", 0))
-    JOURNAL_FSYNC_SECONDS.set(stats.get("fsync_seconds_total", 0.0))
     JOURNAL_LAST_BATCH.set(stats.get("last_batch_records", 0))
+
+
+def observe_batch(records: int, fsync_seconds: float | None) -> None:
+    JOURNAL_BATCH_RECORDS.observe(records)
+    if fsync_seconds is not None:
+        JOURNAL_FSYNC_LATENCY.observe(fsync_seconds)
 
 
 def render() -> tuple[bytes, str]:

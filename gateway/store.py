@@ -47,6 +47,7 @@ class Store:
         fsync_interval_ms: int = 100,
         snapshot_every: int = 100_000,
         on_failure: Callable[[PersistenceError], None] | None = None,
+        on_batch: Callable[[int, float | None], None] | None = None,
     ) -> None:
         self.manager = manager
         self.state_dir = Path(state_dir)
@@ -54,6 +55,7 @@ class Store:
         self.fsync_interval_ms = fsync_interval_ms
         self.snapshot_every = snapshot_every
         self._on_failure = on_failure
+        self._on_batch = on_batch
         self._lock: StateLock | None = None
         self.journal: Journal | None = None
         self.recovered: Recovered | None = None
@@ -104,6 +106,7 @@ class Store:
             snapshot_every=self.snapshot_every,
             snapshot_source=self.manager.snapshot,
             on_failure=self._failed,
+            on_batch=self._on_batch,
         )
         self.journal = journal
         await journal.start()

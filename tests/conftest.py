@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway import metrics
 from gateway.auth import TokenStore, hash_token
 from gateway.config import GatewayConfig, Limits, PersistenceConfig, ServerConfig, TokenConfig
 from gateway.manager import EmergencyManager
@@ -86,6 +87,7 @@ async def start_gateway(
         fsync=config.persistence.fsync,
         fsync_interval_ms=config.persistence.fsync_interval_ms,
         snapshot_every=config.persistence.snapshot_every,
+        on_batch=metrics.observe_batch,
     )
     recovered = store.open()
     if recovered.fresh:

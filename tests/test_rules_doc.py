@@ -48,5 +48,5 @@ def test_doc_rule_when_named_like_in_config_then_odd_lots_rejected(desk_rules_mo
 def test_load_rules_when_spec_is_wrong_then_error_names_it() -> None:
     with pytest.raises(ValueError, match="nope_module"):
         load_rules(["nope_module:rule"])
-    with pytest.raises(ValueError, match="package.module:callable"):
+    with pytest.raises(ValueError, match=r"package\.module:callable"):
         load_rules(["no_colon"])

@@ -16,9 +16,7 @@ async def _trade(make_gateway: GatewayFactory, state_dir: Path) -> list[str]:
     """Positions, a price and six validations of growing size; returns the decisions."""
     gw = await make_gateway(state_dir=state_dir, limits={"max_position": "10"})
     trader = await gw.client(TRADER)
-    await trader.ok(
-        "position.update", {"account": "A1", "symbol": "X", "qty": "2", "price": "100"}
-    )
+    await trader.ok("position.update", {"account": "A1", "symbol": "X", "qty": "2", "price": "100"})
     await trader.ok("price.update", {"symbol": "X", "price": "100"})
     seen = []
     for qty in ("1", "3", "5", "7", "9", "11"):

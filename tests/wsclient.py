@@ -63,11 +63,16 @@ class TestClient:
         """The whole response envelope."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
         frame: dict[str, Any] = {"id": rid, "method": method}
         if params is not None:
             frame["params"] = params
-        await self.ws.send(orjson.dumps(frame), text=True)
+        self._waiting[rid] = fut
+        try:
+            await self.ws.send(orjson.dumps(frame), text=True)
+        except BaseException:
+            self._waiting.pop(rid, None)
+            fut.cancel()
+            raise
         async with asyncio.timeout(timeout):
             return await fut
 
