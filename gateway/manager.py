@@ -319,6 +319,26 @@ class EmergencyManager:
             "v": self.emergency_version + 1,
         }
 
+    def record_initial_state(self, now_ms: int | None = None) -> None:
+        """A fresh state directory: journal the initial mode (normal since now,
+        version 0) so that every restart shows the same ``since``."""
+        self.replay(
+            [
+                {
+                    "t": "emg",
+                    "a": None,
+                    "m": Mode.NORMAL.value,
+                    "r": "",
+                    "by": GATEWAY_ACTOR,
+                    "at": self._now(now_ms),
+                    "v": 0,
+                }
+            ]
+        )
+        self._records.append(
+            {"t": "emg", "a": None, **_mode_to_record(self.gateway_mode), "v": 0}
+        )
+
     def is_tightening(self, record: Mapping[str, Any]) -> bool:
         """A change towards safety applies at once; one away from it only once durable."""
         return _MODE_RANK[Mode(record["m"])] > _MODE_RANK[self.mode_of(record["a"])]
@@ -880,7 +900,9 @@ class EmergencyManager:
                 client_order_id=rec.get("coid"),
                 cancel_on_disconnect=bool(rec.get("cod")),
                 connection=connection,
-                decision=decision,
+                # A copy taken before the figures are filled in: a retry gets
+                # current exposure, so the cache holds none (as after recovery).
+                decision=dict(decision),
             )
             self._add_reservation(res)
             self._event(ExposureChanged(res.account))

@@ -76,6 +76,8 @@ class Store:
         self.replayed = manager.replay(payload for _, payload in recovered.records)
         self.recovered = recovered
         self.recovery_seconds = time.perf_counter() - started
+        if recovered.fresh:
+            manager.record_initial_state()
         damage = recovered.damage
         if damage is not None:
             reason = f"recovery found damage in {damage.describe()}; state is as of seq " + str(
