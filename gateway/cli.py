@@ -13,14 +13,12 @@ from typing import Any
 
 import orjson
 
-from gateway import metrics
 from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager
 from gateway.rules import load_rules
-from gateway.server import Gateway
-from gateway.store import Store
+from gateway.server import Gateway, start_gateway
 
 log = logging.getLogger("gateway")
 
@@ -129,29 +127,15 @@ async def _serve(config: GatewayConfig) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 2
-    manager = EmergencyManager(limits=config.limits, rules=rules)
-    store = Store(
-        manager,
-        state_dir,
-        fsync=config.persistence.fsync,
-        fsync_interval_ms=config.persistence.fsync_interval_ms,
-        snapshot_every=config.persistence.snapshot_every,
-        on_batch=metrics.observe_batch,
-    )
     try:
-        recovered = store.open()
+        gateway = await start_gateway(config, tokens, rules)
     except StateDirLocked as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 1
-    file_limits = config.limits.to_wire()
-    if recovered.fresh:
-        manager.adopt_file_limits(config.limits)
-    gateway = Gateway(config, tokens=tokens, manager=manager, store=store)
-    await gateway.start()
-    if not recovered.fresh and manager.file_limits != file_limits:
-        # The operator edited the file since its limits were last applied.
-        await gateway.reload_limits(config.limits, actor="config")
-        log.warning("limits from %s applied as version %d", config.source, manager.limits_version)
+    manager = gateway.manager
+    store = gateway.store
+    assert store is not None and store.recovered is not None
+    recovered = store.recovered
     log.info(
         "recovered %d records (snapshot seq %d) in %.3f s; mode %s",
         store.replayed,

@@ -35,6 +35,7 @@ from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
 from gateway.manager import EmergencyChanged, EmergencyManager
+from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
 from protocol.codes import PROTOCOL_VERSION, CloseCode, ErrorCode, Mode, Role
@@ -813,3 +814,34 @@ async def _close(ws: ServerConnection, code: int, reason: str) -> None:
         transport = ws.transport
         if transport is not None:
             transport.abort()
+
+
+async def start_gateway(
+    config: GatewayConfig, tokens: TokenStore, rules: tuple[Rule, ...] = ()
+) -> Gateway:
+    """Recover the state directory and serve: the start-up path of ``serve``.
+
+    A fresh directory takes the config file's limits as version 1; a
+    directory whose file limits were since edited gets them as a new version.
+    Raises ``StateDirLocked`` when another gateway holds the directory.
+    """
+    manager = EmergencyManager(limits=config.limits, rules=rules)
+    persistence = config.persistence
+    store = Store(
+        manager,
+        persistence.state_dir,
+        fsync=persistence.fsync,
+        fsync_interval_ms=persistence.fsync_interval_ms,
+        snapshot_every=persistence.snapshot_every,
+        on_batch=metrics.observe_batch,
+    )
+    recovered = store.open()
+    if recovered.fresh:
+        manager.adopt_file_limits(config.limits)
+    gateway = Gateway(config, tokens=tokens, manager=manager, store=store)
+    await gateway.start()
+    if not recovered.fresh and manager.file_limits != config.limits.to_wire():
+        # The operator edited the file since its limits were last applied.
+        await gateway.reload_limits(config.limits, actor="config")
+        log.warning("limits from %s applied as version %d", config.source, manager.limits_version)
+    return gateway

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from gateway import metrics
+from gateway import server as gateway_server
 from gateway.auth import TokenStore, hash_token
 from gateway.config import GatewayConfig, Limits, PersistenceConfig, ServerConfig, TokenConfig
 from gateway.manager import EmergencyManager
 from gateway.server import Gateway
-from gateway.store import Store
 from protocol.codes import Role
 from tests.wsclient import TestClient
 
@@ -80,20 +79,7 @@ async def start_gateway(
         limits=Limits.from_mapping(limits or {}),
         tokens=token_configs(),
     )
-    manager = EmergencyManager(limits=config.limits)
-    store = Store(
-        manager,
-        state_dir,
-        fsync=config.persistence.fsync,
-        fsync_interval_ms=config.persistence.fsync_interval_ms,
-        snapshot_every=config.persistence.snapshot_every,
-        on_batch=metrics.observe_batch,
-    )
-    recovered = store.open()
-    if recovered.fresh:
-        manager.adopt_file_limits(config.limits)
-    gateway = Gateway(config, tokens=TokenStore(config.tokens), manager=manager, store=store)
-    await gateway.start()
+    gateway = await gateway_server.start_gateway(config, TokenStore(config.tokens))
     return RunningGateway(gateway, state_dir)
 
 
