@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -219,12 +220,12 @@ class Gateway:
 
     # --------------------------------------------------------- the handshake
 
-    def _process_request(
+    async def _process_request(
         self, connection: ServerConnection, request: HttpRequest
     ) -> HttpResponse | None:
         path = request.path.split("?", 1)[0]
         if path != WS_PATH:
-            return self._http(connection, request, path)
+            return await self._http(connection, request, path)
         origin = request.headers.get("Origin")
         if origin is not None and origin not in self._allowed_origins():
             metrics.AUTH_FAILURES.labels(reason="origin").inc()
@@ -263,7 +264,9 @@ class Gateway:
             own |= {f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}"}
         return own | set(self.config.server.allowed_origins)
 
-    def _http(self, connection: ServerConnection, request: HttpRequest, path: str) -> HttpResponse:
+    async def _http(
+        self, connection: ServerConnection, request: HttpRequest, path: str
+    ) -> HttpResponse:
         if path == "/healthz":
             failed = self.store.failed if self.store is not None else None
             if failed is not None:
@@ -288,7 +291,9 @@ class Gateway:
         if asset is not None:
             name, content_type = asset
             try:
-                page = (DASHBOARD_FILE.parent / name).read_bytes()
+                # Off the event loop: validations must not wait on the disk.
+                async with aiofiles.open(DASHBOARD_FILE.parent / name, "rb") as handle:
+                    page = await handle.read()
             except OSError:
                 return connection.respond(http.HTTPStatus.NOT_FOUND, "dashboard not installed\n")
             return HttpResponse(
