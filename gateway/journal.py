@@ -91,6 +91,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -260,6 +261,19 @@ def _write_all(ops: FileOps, fd: int, data: bytes | memoryview) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "write() wrote nothing")
         view = view[n:]
+
+
+def _snapshot_default(value: object) -> str:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: Decimal(str(d)) == d, digits and exponent kept
+    raise TypeError(f"cannot store {type(value).__name__} in a snapshot")
+
+
+def _snapshot_payload(state: dict[str, Any]) -> bytes:
+    """Encode a captured state (in the writer thread). ``snapshot_source`` must
+    return fresh containers whose leaves are immutable (str, int, Decimal...),
+    since they are read here while the loop goes on."""
+    return orjson.dumps(state, default=_snapshot_default)
 
 
 def _snapshot_bytes(seq: int, payload: bytes) -> bytes:
@@ -820,7 +834,8 @@ def inspect_state_dir(state_dir: Path) -> dict[str, Any]:
 @dataclass(slots=True)
 class _SnapshotRequest:
     seq: int
-    payload: bytes
+    # The state as captured on the loop; encoded by the writer thread.
+    payload: dict[str, Any]
     waiter: asyncio.Future[None] | None
 
 
@@ -1102,11 +1117,13 @@ class Journal:
         # would keep growing its traceback.
         return PersistenceError(str(self._failed))
 
-    def _encode_snapshot(self) -> bytes:
+    def _encode_snapshot(self) -> dict[str, Any]:
+        # Only the capture runs on the loop; encoding a large state would stall
+        # it, so the writer thread does that (see _snapshot_payload).
         state = self._snapshot_source()
         if not isinstance(state, dict):
             raise TypeError(f"snapshot_source() returned {type(state).__name__}, not a dict")
-        return orjson.dumps(state)
+        return state
 
     def _queue_snapshot(self, waiter: asyncio.Future[None] | None) -> None:
         request = _SnapshotRequest(self._last_seq, self._encode_snapshot(), waiter)
@@ -1256,7 +1273,7 @@ class Journal:
             if clash.exists() and _read_snapshot(clash, rescue.seq)[1] is not None:
                 # Keep the unreadable snapshot for the operator instead of overwriting it.
                 ops.replace(clash, clash.with_name(f"{clash.name}.damaged-{stamp}"))
-            _write_snapshot_file(ops, self._dir, rescue.seq, rescue.payload)
+            _write_snapshot_file(ops, self._dir, rescue.seq, _snapshot_payload(rescue.payload))
             # Only now that the snapshot covering them is durable may segments go.
             self._set_aside_unusable_files(rescue.seq, stamp)
         self._new_segment(self._last_seq + 1)
@@ -1361,7 +1378,7 @@ class Journal:
         # The old segment must hold every record <= seq durably before a snapshot makes
         # it redundant; syncing it now also keeps it free of torn tails.
         self._sync(progress)
-        _write_snapshot_file(ops, self._dir, request.seq, request.payload)
+        _write_snapshot_file(ops, self._dir, request.seq, _snapshot_payload(request.payload))
         if self._seg_first_seq != request.seq + 1:
             self._new_segment(request.seq + 1)
         self._prune(request.seq)
