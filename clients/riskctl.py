@@ -9,6 +9,7 @@
     riskctl replay FILE [--speed X | --max] [--window N] [--json] [--expect FILE]
                         [--record-decisions FILE]
     riskctl record --out FILE (--live --duration S | --state-dir DIR)
+    riskctl bench [--quick] [--json] [--sections LIST]
 
 Every command takes ``--url`` (default ``$RISKGW_URL`` or
 ``ws://127.0.0.1:8765/v1/ws``), ``--token`` (default ``$RISKGW_TOKEN``) and
@@ -44,6 +45,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from clients.bench import add_arguments as add_bench_arguments
+from clients.bench import command as bench_command
 from clients.client import AuthenticationError, GatewayClient, GatewayError, Push
 from clients.replay import (
     Outcome,
@@ -171,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--state-dir", type=Path, help="a gateway state directory")
     source.add_argument("--live", action="store_true", help="the decisions channel, live")
     rec.add_argument("--duration", type=float, help="seconds to record (with --live)")
+
+    bench = sub.add_parser("bench", help="benchmark a local gateway against an echo baseline")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -214,6 +220,8 @@ def _fail(message: str, status: int) -> int:
 
 
 def _run(args: argparse.Namespace, err: Console) -> int:
+    if args.command == "bench":  # starts its own gateway: no --url or --token
+        return bench_command(args)
     if args.command == "record" and args.state_dir is not None:
         return _fail("use: risk-gateway record STATE_DIR --out FILE", 2)
     if args.timeout <= 0:
