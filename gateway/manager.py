@@ -54,14 +54,29 @@ _R = TypeVar("_R")
 
 def _exact(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run a public entry point in the exact decimal context, whatever the
-    caller's own context is (a library host may keep Python's default 28 digits)."""
+    caller's own context is (a library host may keep Python's default 28 digits).
+
+    What ``decimal.localcontext(RISK_CONTEXT)`` does (a fresh copy, restored
+    afterwards), without the context manager's cost: this wraps every
+    validation. Internal calls between entry points use the undecorated
+    methods (``_apply_record``, ``_expire_due``) instead of nesting it.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with decimal.localcontext(RISK_CONTEXT):
+        caller = _getcontext()
+        _setcontext(_copy_risk_context())
+        try:
             return method(*args, **kwargs)
+        finally:
+            _setcontext(caller)
 
     return wrapper
+
+
+_getcontext = decimal.getcontext
+_setcontext = decimal.setcontext
+_copy_risk_context = RISK_CONTEXT.copy
 
 
 GATEWAY_ACTOR = "gateway"
@@ -69,8 +84,7 @@ _MODE_RANK = {Mode.NORMAL: 0, Mode.REDUCING: 1, Mode.HALTED: 2}
 _WARNING_FRACTION = Decimal("0.8")
 
 
-def _d(text: str) -> Decimal:
-    return Decimal(text)
+_d = Decimal  # a journal decimal string to a Decimal (exact: no context involved)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +116,7 @@ class SymbolBook:
     exposure: Decimal = ZERO  # w * m, kept in step with the fields above
     position_exposure: Decimal = ZERO  # |p| * m
     reported: bool = False  # a position update or snapshot named this symbol
+    reprice_due: bool = False  # replay changed qty/mark; exposure not yet brought in step
 
     def worst(self) -> Decimal:
         long_side = abs(self.qty + self.reserved_buy)
@@ -212,12 +227,18 @@ class EmergencyManager:
         self._records: list[dict[str, Any]] = []
         self._events: list[Event] = []
         self._replaying = False
+        # Symbols whose position a replay changed: repriced once when the replay
+        # ends rather than once per record (a position is updated many times).
+        self._reprice_due: list[tuple[AccountBook, SymbolBook]] = []
         self._committed = False  # applying a record that is already in the journal
         self._emergency_view: dict[str, Any] | None = None
         self._limit_strings: tuple[str, str] = (
             fmt(limits.max_account_exposure),
             fmt(limits.max_exposure),
         )
+        # (limits, 80% of max_account_exposure, 80% of max_exposure), computed
+        # in the exact context on first use after each limits change.
+        self._warning_levels: tuple[Limits | None, Decimal, Decimal] = (None, ZERO, ZERO)
         # Set by gateway.embedded when the original async API is used.
         self._embedded: Any = None
 
@@ -335,9 +356,7 @@ class EmergencyManager:
                 }
             ]
         )
-        self._records.append(
-            {"t": "emg", "a": None, **_mode_to_record(self.gateway_mode), "v": 0}
-        )
+        self._records.append({"t": "emg", "a": None, **_mode_to_record(self.gateway_mode), "v": 0})
 
     def is_tightening(self, record: Mapping[str, Any]) -> bool:
         """A change towards safety applies at once; one away from it only once durable."""
@@ -503,8 +522,12 @@ class EmergencyManager:
         if mark is None:
             exposure = position_exposure = ZERO
         else:
-            exposure = sym.worst() * mark
-            position_exposure = abs(sym.qty) * mark
+            # SymbolBook.worst(), inlined: this runs for every record replayed.
+            qty = sym.qty
+            long_side = abs(qty + sym.reserved_buy)
+            short_side = abs(qty - sym.reserved_sell)
+            exposure = (long_side if long_side >= short_side else short_side) * mark
+            position_exposure = abs(qty) * mark
         delta = exposure - sym.exposure
         if delta:
             book.gross += delta
@@ -523,7 +546,7 @@ class EmergencyManager:
         reservation of another account.
         """
         now = self._now(now_ms)
-        self.expire_reservations(now)
+        self._expire_due(now)
         released: bool | None = None
         if u.release is not None:
             res = self.reservations.get(u.release)
@@ -586,16 +609,27 @@ class EmergencyManager:
         sym.qty = qty
         sym.mark = price
         sym.reported = True
-        self._reprice(book, sym)
+        if self._replaying:
+            # Exposure is a function of the final qty, mark and reservations;
+            # the cached exposure and the totals stay consistent with each other
+            # until _reprice_replayed brings them in step. Everything that reads
+            # them during a replay (reservations, snapshots) reprices its symbol.
+            if not sym.reprice_due:
+                sym.reprice_due = True
+                self._reprice_due.append((book, sym))
+        else:
+            self._reprice(book, sym)
         self.reference_prices[rec["s"]] = price
-        self._record(rec)  # type: ignore[arg-type]
-        self._event(ExposureChanged(account))
+        if not self._replaying:  # _record and _event, without building what replay drops
+            if not self._committed:
+                self._records.append(rec)  # type: ignore[arg-type]
+            self._events.append(ExposureChanged(account))
 
     @_exact
     def snapshot_positions(self, s: PositionSnapshot, now_ms: int | None = None) -> dict[str, Any]:
         """``position.snapshot``: replace every position of the account, clear stale."""
         now = self._now(now_ms)
-        self.expire_reservations(now)
+        self._expire_due(now)
         rec: dict[str, Any] = {
             "t": "psnap",
             "a": s.account,
@@ -703,11 +737,11 @@ class EmergencyManager:
     ) -> Reservation | None:
         """Free a live reservation; ``None`` if it does not exist (or already expired)."""
         now = self._now(now_ms)
-        self.expire_reservations(now)
+        self._expire_due(now)
         res = self.reservations.get(reservation_id)
         if res is None:
             return None
-        self.apply_record({"t": "rel", "id": reservation_id, "why": why, "ts": now})
+        self._apply_record({"t": "rel", "id": reservation_id, "why": why, "ts": now})
         return res
 
     @_exact
@@ -720,18 +754,21 @@ class EmergencyManager:
             if r.connection == connection and r.cancel_on_disconnect
         ]
         for rid in owned:
-            self.apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
+            self._apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
         return len(owned)
 
     @_exact
     def expire_reservations(self, now_ms: int) -> None:
         """Release every reservation whose time is up (O(1) when none is)."""
+        self._expire_due(now_ms)
+
+    def _expire_due(self, now_ms: int) -> None:
         heap = self._expiry_heap
         while heap and heap[0][0] <= now_ms:
             expires, rid = heapq.heappop(heap)
             res = self.reservations.get(rid)
             if res is not None and res.expires_ms == expires:
-                self.apply_record({"t": "rel", "id": rid, "why": "expired", "ts": now_ms})
+                self._apply_record({"t": "rel", "id": rid, "why": "expired", "ts": now_ms})
 
     # ------------------------------------------------------------ validation
 
@@ -748,7 +785,7 @@ class EmergencyManager:
         now = self._clock() if now_ms is None else now_ms
         heap = self._expiry_heap
         if heap and heap[0][0] <= now:
-            self.expire_reservations(now)
+            self._expire_due(now)
         account = order.account
         if order.reserve and order.client_order_id is not None:
             rid = self._by_client_order.get((account, order.client_order_id))
@@ -819,7 +856,7 @@ class EmergencyManager:
             "q": fmt(qty),
             "p": fmt(order.price),
             "d": "accept" if accepted else "reject",
-            "r": [r["code"] for r in reasons],
+            "r": [r["code"] for r in reasons] if reasons else [],
             "ts": now,
         }
         reservation_id = None
@@ -855,15 +892,15 @@ class EmergencyManager:
             self._record(rec)
         decision["exposure"] = self._exposure_summary(book)
         if not self._replaying:
-            data = dict(decision)
-            data.update(
-                account=account,
-                symbol=order.symbol,
-                side=order.side,
-                qty=rec["q"],
-                price=rec["p"],
-                ts=format_time_ms(now),
-            )
+            data = {
+                **decision,
+                "account": account,
+                "symbol": order.symbol,
+                "side": order.side,
+                "qty": rec["q"],
+                "price": rec["p"],
+                "ts": format_time_ms(now),
+            }
             self._events.append(DecisionMade(data))
         return decision
 
@@ -917,12 +954,19 @@ class EmergencyManager:
         if self._replaying:
             return
         limits = self.limits
+        warning = self._warning_levels
+        if warning[0] is not limits:
+            warning = self._warning_levels = (
+                limits,
+                limits.max_account_exposure * _WARNING_FRACTION,
+                limits.max_exposure * _WARNING_FRACTION,
+            )
         accounts: Iterable[str] = self.accounts if account is None else (account,)
         for name in accounts:
             book = self.accounts[name]
             limit = limits.max_account_exposure
             over = book.gross > limit
-            near = book.gross >= limit * _WARNING_FRACTION
+            near = book.gross >= warning[1]
             if over and not book.breached:
                 self._alert(
                     AlertLevel.CRITICAL,
@@ -945,7 +989,7 @@ class EmergencyManager:
         limit = limits.max_exposure
         gross = self.gross_exposure
         over = gross > limit
-        near = gross >= limit * _WARNING_FRACTION
+        near = gross >= warning[2]
         if over and not self._gateway_breached:
             self._alert(
                 AlertLevel.CRITICAL,
@@ -1038,6 +1082,9 @@ class EmergencyManager:
     @_exact
     def apply_record(self, rec: Mapping[str, Any]) -> None:
         """Apply one journal record (live changes and recovery share this path)."""
+        self._apply_record(rec)
+
+    def _apply_record(self, rec: Mapping[str, Any]) -> None:
         kind = rec["t"]
         if kind == "pos":
             self._apply_position(rec, _d(rec["q"]), _d(rec["p"]))
@@ -1069,7 +1116,7 @@ class EmergencyManager:
         produced, no journal record is queued again."""
         self._committed = True
         try:
-            self.apply_record(rec)
+            self._apply_record(rec)
         finally:
             self._committed = False
 
@@ -1079,12 +1126,20 @@ class EmergencyManager:
         self._replaying = True
         count = 0
         try:
+            apply = self._apply_record
             for rec in records:
-                self.apply_record(rec)
+                apply(rec)
                 count += 1
         finally:
+            self._reprice_replayed()
             self._replaying = False
         return count
+
+    def _reprice_replayed(self) -> None:
+        due, self._reprice_due = self._reprice_due, []
+        for book, sym in due:
+            sym.reprice_due = False
+            self._reprice(book, sym)
 
     @_exact
     def snapshot(self) -> dict[str, Any]:
@@ -1188,7 +1243,7 @@ class EmergencyManager:
         now = self._now(now_ms)
         orphaned = [r.id for r in self.reservations.values() if r.cancel_on_disconnect]
         for rid in orphaned:
-            self.apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
+            self._apply_record({"t": "rel", "id": rid, "why": "disconnect", "ts": now})
         return len(orphaned)
 
     # -------------------------------------------- the original embedding API

@@ -91,13 +91,29 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
     return result
 
 
+# str() of a finite Decimal is already plain (no exponent) for the values risk
+# math produces; up to this length its digits also fit RISK_CONTEXT's precision,
+# so the fast path of format_decimal gives what normalize() would.
+_PLAIN_MAX_CHARS = 100
+
+
 def format_decimal(value: Decimal) -> str:
     """The wire form of a decimal: plain digits, no exponent, no trailing zeros."""
     if not value:
         return "0"
+    text = str(value)
+    # Fast path (the common case): "50000", "-2", "1.50". str() writes an
+    # exponent ("1E+3", "1E-7") or a word ("Infinity", "NaN") otherwise.
+    if len(text) <= _PLAIN_MAX_CHARS and "E" not in text and text[-1] in _DIGITS:
+        if "." not in text:
+            return text
+        return text.rstrip("0").rstrip(".")
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(RISK_CONTEXT), "f")
+
+
+_DIGITS = frozenset("0123456789")
 
 
 def parse_name(value: object, field: str) -> str:
@@ -138,8 +154,18 @@ def show(value: object) -> str:
     return _show(value)
 
 
+# (seconds, "YYYY-MM-DDTHH:MM:SS") of the last call: stamps come in bursts within
+# one second, and strftime costs several times the rest. One tuple, replaced
+# whole, so threads can share it.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def format_time_ms(epoch_ms: int) -> str:
     """``2026-11-23T20:11:08.123Z`` from milliseconds since the Unix epoch."""
+    global _last_second
     seconds, millis = divmod(epoch_ms, 1000)
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    cached, stamp = _last_second
+    if seconds != cached:
+        stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (seconds, stamp)
     return f"{stamp}.{millis:03d}Z"
