@@ -661,26 +661,19 @@ def _analyse_files(state_dir: Path, *, full: bool) -> _Analysis:
                 seg.size = (state_dir / seg.name).stat().st_size
             continue
         data = _read_bytes(state_dir / seg.name)
+        discontinuity = None
         if seg.first_seq > expected:
-            result.damage = result.damage or Damage(
-                file=seg.name,
-                offset=0,
-                detail=f"records {expected}..{seg.first_seq - 1} are missing "
-                f"(segment starts at seq {seg.first_seq})",
+            discontinuity = (
+                f"records {expected}..{seg.first_seq - 1} are missing "
+                f"(segment starts at seq {seg.first_seq})"
             )
-            stopped = True
-            if full:
-                _scan_segment(seg, data, expected=1 << 64, is_last=is_last, out=[])
-            else:
-                seg.size = len(data)
-            continue
-        if seg.first_seq < expected and expected - 1 > snapshot_seq:
-            result.damage = result.damage or Damage(
-                file=seg.name,
-                offset=0,
-                detail=f"segment starts at seq {seg.first_seq}, overlapping records "
-                f"up to {expected - 1} of the previous segment",
+        elif seg.first_seq < expected and expected - 1 > snapshot_seq:
+            discontinuity = (
+                f"segment starts at seq {seg.first_seq}, overlapping records "
+                f"up to {expected - 1} of the previous segment"
             )
+        if discontinuity is not None:
+            result.damage = result.damage or Damage(file=seg.name, offset=0, detail=discontinuity)
             stopped = True
             if full:
                 _scan_segment(seg, data, expected=1 << 64, is_last=is_last, out=[])
