@@ -1143,7 +1143,12 @@ class EmergencyManager:
 
     @_exact
     def snapshot(self) -> dict[str, Any]:
-        """The whole durable state as one JSON-able dict (``load_snapshot`` reads it)."""
+        """The whole durable state as one dict that ``load_snapshot`` reads.
+
+        Built on the event loop, so it only collects: fresh containers with
+        immutable leaves (str, int, ``Decimal``), which the journal encodes in
+        its writer thread (``Decimal`` as ``str``, exactly).
+        """
         return {
             "format": 1,
             "limits": self.limits.to_wire(),
@@ -1160,29 +1165,29 @@ class EmergencyManager:
                     "seq": book.seq,
                     "stale": book.stale,
                     "positions": [
-                        [symbol, fmt(sym.qty), fmt(sym.mark)]
+                        [symbol, sym.qty, sym.mark]
                         for symbol, sym in book.positions.items()
                         if sym.reported and sym.mark is not None
                     ],
                     # Symbols held only by reservations keep the mark they were
                     # valued at, which the reference price may since have left.
                     "marks": {
-                        symbol: fmt(sym.mark)
+                        symbol: sym.mark
                         for symbol, sym in book.positions.items()
                         if not sym.reported and sym.mark is not None
                     },
                 }
                 for name, book in self.accounts.items()
             },
-            "prices": {s: fmt(p) for s, p in self.reference_prices.items()},
+            "prices": dict(self.reference_prices),
             "reservations": [
                 {
                     "rid": r.id,
                     "a": r.account,
                     "s": r.symbol,
                     "side": r.side,
-                    "q": fmt(r.qty),
-                    "p": fmt(r.price),
+                    "q": r.qty,
+                    "p": r.price,
                     "exp": r.expires_ms,
                     "coid": r.client_order_id,
                     "cod": r.cancel_on_disconnect,
