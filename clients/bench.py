@@ -25,7 +25,7 @@ back-to-back gateway and echo measurements. ``--json`` prints one object on
 stdout; progress goes to stderr. ``--quick`` is a short run with small counts
 (used by the test suite; its figures are not meaningful against the targets).
 
-Only sections 6's helper processes import ``gateway`` (to write a journal and
+Only section 6's helper processes import ``gateway`` (to write a journal and
 time its recovery): the load generator itself speaks the wire protocol only.
 """
 
@@ -256,6 +256,7 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
+        _CHILDREN.discard(self.proc.pid)
         self._drain.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._drain
@@ -282,6 +283,7 @@ async def start_server(
             cwd=cwd,
         )
     assert proc.stdout is not None
+    _CHILDREN.add(proc.pid)
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             while True:
@@ -301,7 +303,20 @@ async def start_server(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        _CHILDREN.discard(proc.pid)
         raise
+
+
+# Every server and helper process started, so that an interrupted run can end
+# them (by their ids) after its event loop is gone.
+_CHILDREN: set[int] = set()
+
+
+def _end_children() -> None:
+    for pid in list(_CHILDREN):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        _CHILDREN.discard(pid)
 
 
 async def http_get(url: str) -> str:
@@ -724,6 +739,7 @@ class SubscriberGroup:
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        _CHILDREN.add(proc.pid)
         group = cls(proc, count)
         line = await group._line(deadline_s=START_TIMEOUT_S)
         if not line.startswith("ready"):
@@ -755,6 +771,7 @@ class SubscriberGroup:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+        _CHILDREN.discard(self.proc.pid)
 
 
 async def start_subscribers(url: str, total: int, procs: int) -> list[SubscriberGroup]:
@@ -879,8 +896,10 @@ async def _helper(*args: str) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    _CHILDREN.add(proc.pid)
     async with asyncio.timeout(HELPER_TIMEOUT_S):
         out, err = await proc.communicate()
+    _CHILDREN.discard(proc.pid)
     if proc.returncode != 0:
         raise RuntimeError(f"bench helper {args[0]} failed: {err.decode()[-2000:]}")
     result: dict[str, Any] = orjson.loads(out.splitlines()[-1])
@@ -1319,14 +1338,22 @@ def command(args: argparse.Namespace) -> int:
         err.print(message, markup=False)
 
     coroutine = run_bench(sizes, sections, progress, keep=args.keep)
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        report = uvloop.run(coroutine)
-    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-        report = asyncio.run(coroutine)
+            report = uvloop.run(coroutine)
+        except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+            report = asyncio.run(coroutine)
+    finally:
+        _end_children()  # only what an interrupted run left behind
     _print_report(report, as_json=args.json, as_markdown=args.markdown)
     return 0
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _print_report(report: dict[str, Any], *, as_json: bool, as_markdown: bool) -> None:
