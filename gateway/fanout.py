@@ -2,10 +2,13 @@
 
 Two pieces (docs/protocol.md section 5):
 
-- ``Outbox``: one per connection. ``push`` only appends to a queue; one writer
-  task per connection does the sending, so a slow socket never blocks request
-  handling or the other subscribers. The queue is bounded in bytes; a
-  connection that lets it pass ``max_queued_bytes`` is evicted (close 4003).
+- ``Outbox``: one per connection. ``push`` never waits: to a connection that
+  is keeping up (nothing queued, transport below its high-water mark) it hands
+  the frame straight to the transport; otherwise it appends to a queue that one
+  writer task per connection drains, so a slow socket never blocks request
+  handling or the other subscribers. Queue plus transport buffer are bounded in
+  bytes; a connection that lets them pass ``max_queued_bytes`` is evicted
+  (close 4003).
 - ``Fanout``: the channels. The server hands it the manager's events
   (``publish``, sync); it numbers them per channel, encodes each push once, keeps
   the last ``buffer_size`` of each channel for ``resume``, and queues the same
@@ -57,6 +60,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway.auth import Principal
 from gateway.manager import (
@@ -97,12 +101,13 @@ _closing: set[asyncio.Task[None]] = set()
 
 
 class Outbox:
-    """Per-connection outbound queue drained by one writer task; bounded in bytes.
+    """Per-connection output: straight to the transport, or a queue drained by a writer.
 
-    ``push`` never blocks: it queues the frame and starts the writer if none
-    is running (a connection that is never pushed to costs no task). Frames go
-    out in push order. Once the connection is evicted or ``close`` was called,
-    ``push`` returns False and sends nothing.
+    ``push`` never blocks: it writes the frame at once when the connection is
+    idle (see ``write_now``), else queues it and starts the writer if none is
+    running (only a connection that falls behind costs a task). Frames go out
+    in push order; the output is bounded in bytes. Once the connection is
+    evicted or ``close`` was called, ``push`` returns False and sends nothing.
     """
 
     __slots__ = (
@@ -184,10 +189,42 @@ class Outbox:
             if queued and queued + size > self.max_queued_bytes:
                 self._evict(queued)
                 return False
+        if self._writer is None and self.write_now(frame):
+            return True
         self._queue.append((frame, droppable))
         self._queued += size
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
+        return True
+
+    def write_now(self, frame: bytes) -> bool:
+        """Hand ``frame`` to the transport at once if the connection can take it.
+
+        True when written: the connection is open, nothing is queued here and the
+        transport is below its high-water mark (not paused). Otherwise nothing is
+        written and False is returned: queue the frame instead. Writing straight
+        to an idle connection costs one frame encoding and one ``transport.write``
+        (as ``websockets.broadcast`` does), where a writer task per push would cost
+        a task per subscriber: one emergency change to a thousand dashboards goes
+        out within the callback that made it. The transport's buffer counts in
+        ``queued_bytes``, so the eviction bound still applies to what is written.
+        """
+        if self._writer is not None or self._closed:
+            return False
+        ws = self.ws
+        if ws.paused or ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return False
+        try:
+            ws.protocol.send_text(frame)
+            ws.send_data()
+        except Exception as exc:
+            # The socket is gone (or the protocol refused the frame): nothing can
+            # reach this client any more; the read loop ends with the connection.
+            log.debug("connection write failed: %r", exc)
+            self._closed = True
+            transport = ws.transport
+            if transport is not None:
+                transport.abort()
         return True
 
     def close(self) -> None:
@@ -282,8 +319,8 @@ class Fanout:
     Call ``add`` once a connection is authenticated and ``remove`` when it is
     closed; ``publish`` with the manager's drained events; ``start`` once a
     loop runs (heartbeat and exposure timer) and ``stop`` on shutdown.
-    Nothing here awaits except ``stop``: every method only queues frames on
-    outboxes, whose writer tasks do the sending.
+    Nothing here awaits except ``stop``: every method only pushes frames to
+    outboxes, which write them at once or queue them for their writer task.
     """
 
     def __init__(

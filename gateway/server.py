@@ -124,8 +124,12 @@ class Session:
 
     async def send(self, frame: bytes) -> None:
         """Send a response, keeping order behind any queued pushes."""
-        if self.outbox.busy:
-            self.outbox.push(frame)
+        outbox = self.outbox
+        if outbox.busy:
+            outbox.push(frame)
+        elif outbox.write_now(frame):
+            if self.ws.paused:  # over the high-water mark: stop reading until it drains
+                await self.ws.drain()
         else:
             await self.ws.send(frame, text=True)
 

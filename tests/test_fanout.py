@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.protocol import State
 
 from gateway import fanout as fanout_module
 from gateway.auth import Principal
@@ -51,14 +52,29 @@ class FakeTransport:
         self.aborted.set()
 
 
+class FakeProtocol:
+    def __init__(self, ws: FakeWs) -> None:
+        self.ws = ws
+        self.state = State.OPEN
+
+    def send_text(self, frame: bytes) -> None:
+        self.ws.write(frame)
+
+
 class FakeWs:
-    """Records sent frames. With ``reading=False`` it behaves like a client that
-    stopped reading: the first frame lands in the write buffer and the send
-    then waits (as websockets waits in drain) until ``resume_reading``."""
+    """Records sent frames, written straight (``protocol.send_text``) or by
+    ``send``. With ``reading=False`` it behaves like a client that stopped
+    reading: the first frame lands in the write buffer, which then stays over
+    the high-water mark (``paused``), and a ``send`` waits (as websockets waits
+    in drain) until ``resume_reading``."""
+
+    send_in_progress = None
 
     def __init__(self, *, reading: bool = True, close_hangs: bool = False) -> None:
         self.sent: list[bytes] = []
         self.transport = FakeTransport()
+        self.protocol = FakeProtocol(self)
+        self.paused = False
         self.closes: list[tuple[int, str]] = []
         self.close_hangs = close_hangs
         self.activity = asyncio.Event()
@@ -66,14 +82,20 @@ class FakeWs:
         if reading:
             self._reading.set()
 
-    async def send(self, frame: bytes, text: bool | None = None) -> None:
-        assert text is True, "pushes are text frames"
+    def write(self, frame: bytes) -> None:
         self.sent.append(frame)
         self.activity.set()
         if not self._reading.is_set():
             self.transport.buffered += len(frame)
-            await self._reading.wait()
-            self.transport.buffered = 0
+            self.paused = True
+
+    def send_data(self) -> None:
+        pass
+
+    async def send(self, frame: bytes, text: bool | None = None) -> None:
+        assert text is True, "pushes are text frames"
+        self.write(frame)
+        await self._reading.wait()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closes.append((code, reason))
@@ -82,6 +104,8 @@ class FakeWs:
 
     def resume_reading(self) -> None:
         self._reading.set()
+        self.transport.buffered = 0
+        self.paused = False
 
 
 class Clock:
@@ -629,15 +653,43 @@ async def test_viewer_when_subscribing_decisions_then_snapshot_of_last_decisions
 # ------------------------------------------------------ outbox and eviction
 
 
-async def test_outbox_when_idle_then_no_writer_task() -> None:
+async def test_outbox_when_idle_then_written_at_once_without_writer_task() -> None:
     sub = make_sub()
     assert not sub.outbox.busy
     assert sub.outbox.push(b'{"a":1}')
-    assert sub.outbox.busy
-    await settle()
+    # Handed to the transport within the call: no task, nothing queued.
+    assert sub.ws.sent == [b'{"a":1}']
     assert not sub.outbox.busy
     assert sub.outbox.queued_bytes == 0
-    assert sub.ws.sent == [b'{"a":1}']
+
+
+async def test_outbox_when_transport_paused_then_queued_and_sent_in_order_after_drain() -> None:
+    ws = FakeWs(reading=False)
+    sub = make_sub(ws=ws)
+    assert sub.outbox.push(b"1")  # straight to the transport, which is now over its mark
+    assert ws.paused
+    assert sub.outbox.push(b"2")
+    assert sub.outbox.push(b"3")
+    assert sub.outbox.busy  # a writer drains the rest
+    await settle()
+    assert ws.sent == [b"1", b"2"]  # 2 is in the transport, waiting for the drain
+    ws.resume_reading()
+    await settle()
+    assert ws.sent == [b"1", b"2", b"3"]
+    assert not sub.outbox.busy
+    # Idle again: the next push is written at once.
+    assert sub.outbox.push(b"4")
+    assert ws.sent[-1] == b"4"
+
+
+async def test_outbox_when_connection_not_open_then_frame_left_to_writer() -> None:
+    ws = FakeWs()
+    ws.protocol.state = State.CLOSING
+    sub = make_sub(ws=ws)
+    assert sub.outbox.push(b"1")
+    assert ws.sent == []  # not written under a closing protocol
+    assert sub.outbox.busy  # the writer's send reports the closed connection
+    sub.outbox.close()
 
 
 async def test_outbox_when_full_then_priority_frame_kept_and_droppable_dropped() -> None:
@@ -707,15 +759,16 @@ async def test_outbox_when_queue_empty_then_frame_larger_than_limit_accepted() -
 async def test_outbox_when_closed_then_push_refused_and_writer_stopped() -> None:
     ws = FakeWs(reading=False)
     sub = make_sub(ws=ws)
-    sub.outbox.push(b"1")
-    sub.outbox.push(b"2")
+    sub.outbox.push(b"1")  # written at once
+    sub.outbox.push(b"2")  # the writer's send, waiting for the drain
+    sub.outbox.push(b"3")  # queued
     await settle()
     sub.outbox.close()
     assert not sub.outbox.busy
-    assert not sub.outbox.push(b"3")
+    assert not sub.outbox.push(b"4")
     ws.resume_reading()
     await settle()
-    assert ws.sent == [b"1"]
+    assert ws.sent == [b"1", b"2"]
     assert sub.evicted == []
 
 
