@@ -344,6 +344,7 @@ class Gateway:
             ws,
             max_queued_bytes=self.config.server.max_queued_bytes,
             on_evict=lambda _box: metrics.EVICTIONS.inc(),
+            flusher=self.fanout.flusher,
         )
         session = Session(conn_id=conn_id, ws=ws, outbox=outbox, peer=peer)
         self.sessions[conn_id] = session
@@ -650,6 +651,7 @@ class Gateway:
     async def _set_emergency(self, params: EmergencySet, actor: str) -> dict[str, Any]:
         """Durable before the response and the push, in every fsync mode.
 
+        The response follows the push (see ``Flusher.barrier``).
         Towards safety (e.g. normal -> halted) the change applies at once, so
         validations stop before the fsync; away from safety it applies only
         once durable, so a crash can never leave the gateway more open than
@@ -679,7 +681,13 @@ class Gateway:
                 manager.apply_committed(record)
                 events = manager.drain_events()
             self.fanout.publish(events)
-            return manager.emergency_view()
+            view = manager.emergency_view()
+            # Answer once every subscriber that keeps up has been handed the
+            # push (written in slices between other requests): the admin's
+            # answer means "everyone connected was told", and a script
+            # changing modes in a loop is paced by the fan-out it causes.
+            await self.fanout.flusher.barrier()
+            return view
 
     async def _set_limits(self, params: LimitsSet, actor: str) -> dict[str, Any]:
         manager = self.manager

@@ -20,7 +20,7 @@ from websockets.protocol import State
 
 from gateway import fanout as fanout_module
 from gateway.auth import Principal
-from gateway.fanout import Fanout, Outbox
+from gateway.fanout import Fanout, Flusher, Outbox
 from gateway.manager import (
     AlertRaised,
     DecisionMade,
@@ -41,9 +41,28 @@ BIG = 1 << 30
 
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, ws: FakeWs) -> None:
+        self.ws = ws
+        self.wires: list[bytes] = []
         self.buffered = 0
         self.aborted = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        """Framed bytes from the flusher: unmasked, final text frames."""
+        self.wires.append(data)
+        off = 0
+        while off < len(data):
+            assert data[off] == 0x81, "a final text frame"
+            length = data[off + 1]
+            assert not length & 0x80, "server frames are not masked"
+            start = off + 2
+            if length == 126:
+                length, start = int.from_bytes(data[off + 2 : off + 4]), off + 4
+            elif length == 127:
+                length, start = int.from_bytes(data[off + 2 : off + 10]), off + 10
+            assert len(data) >= start + length
+            self.ws.write(data[start : start + length])
+            off = start + length
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -56,6 +75,7 @@ class FakeProtocol:
     def __init__(self, ws: FakeWs) -> None:
         self.ws = ws
         self.state = State.OPEN
+        self.extensions: list[object] = []
 
     def send_text(self, frame: bytes) -> None:
         self.ws.write(frame)
@@ -72,7 +92,7 @@ class FakeWs:
 
     def __init__(self, *, reading: bool = True, close_hangs: bool = False) -> None:
         self.sent: list[bytes] = []
-        self.transport = FakeTransport()
+        self.transport = FakeTransport(self)
         self.protocol = FakeProtocol(self)
         self.paused = False
         self.closes: list[tuple[int, str]] = []
@@ -136,15 +156,32 @@ class Sub:
         return [m for m in self.messages() if m.get("channel") == channel.value]
 
 
+# The flusher of the running test (see the autouse fixture): as in the server,
+# every outbox of one gateway shares one.
+_flusher = Flusher()
+
+
+@pytest.fixture(autouse=True)
+def fresh_flusher() -> None:
+    global _flusher
+    _flusher = Flusher()
+
+
 def make_sub(
     principal: Principal = VIEWER,
     *,
     max_queued_bytes: int = BIG,
     ws: FakeWs | None = None,
+    flusher: Flusher | None = None,
 ) -> Sub:
     ws = ws or FakeWs()
     evicted: list[Outbox] = []
-    outbox = Outbox(ws, max_queued_bytes=max_queued_bytes, on_evict=evicted.append)  # type: ignore[arg-type]
+    outbox = Outbox(
+        ws,  # type: ignore[arg-type]
+        max_queued_bytes=max_queued_bytes,
+        on_evict=evicted.append,
+        flusher=flusher or _flusher,
+    )
     return Sub(next(_conn_ids), principal, outbox, ws, evicted)
 
 
@@ -223,7 +260,17 @@ async def test_add_when_authenticated_then_emergency_snapshot_with_current_seq()
     assert snapshot["data"] == fanout.manager.emergency_view()
 
 
-async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared() -> None:
+async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    framed: list[bytes] = []
+    real_frame = fanout_module.Frame
+
+    def counting_frame(opcode: Any, data: bytes) -> Any:
+        framed.append(data)
+        return real_frame(opcode, data)
+
+    monkeypatch.setattr(fanout_module, "Frame", counting_frame)
     fanout = make_fanout()
     first, second = make_sub(ADMIN), make_sub(VIEWER)
     for sub in (first, second):
@@ -236,11 +283,10 @@ async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared()
         assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1, 2]
         assert seqs(sub.pushes(Channel.ALERTS)) == [0, 1, 2, 3]
         assert seqs(sub.pushes(Channel.DECISIONS)) == [0, 1, 2]
-    # Encoded once: every subscriber is handed the very same bytes.
-    shared = [f for f in first.ws.sent if f.startswith(b'{"channel"') and b'"snapshot"' not in f]
-    assert len(shared) == 7
-    for frame in shared:
-        assert any(frame is other for other in second.ws.sent)
+    # Encoded once and framed once: 7 events for 2 subscribers, 7 framings,
+    # and both transports got the same bytes.
+    assert len(framed) == 7
+    assert first.ws.transport.wires == second.ws.transport.wires
 
 
 async def test_subscribe_then_snapshot_then_events_without_gap_or_duplicate() -> None:
@@ -680,6 +726,93 @@ async def test_outbox_when_transport_paused_then_queued_and_sent_in_order_after_
     # Idle again: the next push is written at once.
     assert sub.outbox.push(b"4")
     assert ws.sent[-1] == b"4"
+
+
+async def test_flusher_when_broadcast_to_many_then_written_a_slice_per_loop_turn() -> None:
+    fanout = make_fanout()
+    fanout.flusher.per_turn = 16
+    subs = [make_sub(flusher=fanout.flusher) for _ in range(50)]
+    for sub in subs:
+        fanout.add(sub)  # type: ignore[arg-type]
+    await settle()
+    fanout.publish([emergency(1)])
+    # Queued, not written, within the publishing callback.
+    assert all(len(sub.pushes(Channel.EMERGENCY)) == 1 for sub in subs)
+    assert fanout.flusher.pending == 50
+    await asyncio.sleep(0)
+    reached = [len(sub.pushes(Channel.EMERGENCY)) == 2 for sub in subs]
+    assert reached.count(True) == 16  # one slice, then the loop's other work
+    await settle()
+    for sub in subs:
+        assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1]
+    assert fanout.flusher.pending == 0
+
+
+async def test_flusher_when_response_pushed_behind_pending_broadcast_then_after_it() -> None:
+    fanout = make_fanout()
+    sub = make_sub(ADMIN, flusher=fanout.flusher)
+    fanout.add(sub)  # type: ignore[arg-type]
+    await settle()
+    fanout.publish([emergency(1)])
+    assert sub.outbox.busy
+    # What the server does with a response while the outbox is busy.
+    assert sub.outbox.push(encode_ok(5, {"ok": True}))
+    await settle()
+    messages = sub.messages()
+    assert [m.get("seq", m.get("id")) for m in messages] == [0, 1, 5]
+    assert not sub.outbox.busy
+
+
+async def test_flusher_when_transport_paused_midway_then_writer_sends_the_rest() -> None:
+    fanout = make_fanout()
+    ws = FakeWs(reading=False)
+    sub = make_sub(ws=ws, flusher=fanout.flusher)
+    fanout.add(sub)  # type: ignore[arg-type]  # the snapshot: written, buffer now over its mark
+    fanout.publish([emergency(1), emergency(2)])
+    await settle()
+    assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1]  # the writer waits in send
+    ws.resume_reading()
+    await settle()
+    assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1, 2]
+    assert not sub.outbox.busy
+
+
+async def test_flusher_when_outbox_closed_before_its_slice_then_nothing_written() -> None:
+    fanout = make_fanout()
+    sub = make_sub(flusher=fanout.flusher)
+    fanout.add(sub)  # type: ignore[arg-type]
+    await settle()
+    fanout.publish([emergency(1)])
+    sub.outbox.close()
+    await settle()
+    assert seqs(sub.pushes(Channel.EMERGENCY)) == [0]
+
+
+async def test_flusher_barrier_when_awaited_then_returns_after_earlier_broadcasts_written() -> None:
+    fanout = make_fanout()
+    fanout.flusher.per_turn = 4
+    slow_ws = FakeWs(reading=False)
+    slow = make_sub(ws=slow_ws, flusher=fanout.flusher)
+    subs = [make_sub(flusher=fanout.flusher) for _ in range(10)]
+    for sub in [slow, *subs]:
+        fanout.add(sub)  # type: ignore[arg-type]
+    await settle()
+    fanout.publish([emergency(1), emergency(2)])
+    await fanout.flusher.barrier()
+    # Every connection that keeps up was handed the pushes; the one that
+    # stopped reading did not hold the barrier up: its writer waits in the
+    # send of the first, the second still queued.
+    for sub in subs:
+        assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1, 2]
+    assert seqs(slow.pushes(Channel.EMERGENCY)) == [0, 1]
+    assert slow.outbox.busy
+    slow.outbox.close()
+
+
+async def test_flusher_barrier_when_nothing_pending_then_returns_at_once() -> None:
+    fanout = make_fanout()
+    await asyncio.wait_for(fanout.flusher.barrier(), timeout=5)
+    assert fanout.flusher.pending == 0
 
 
 async def test_outbox_when_connection_not_open_then_frame_left_to_writer() -> None:
