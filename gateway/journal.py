@@ -67,8 +67,15 @@ Durability policies (``fsync=``): ``"always"`` reports a record durable after th
 fdatasync that covers it (group commit: one write and one fdatasync per batch);
 ``"interval"`` and ``"never"`` report it durable once ``write()`` returned, and
 fdatasync every ``fsync_interval_ms`` or only when asked (:meth:`Journal.synced`),
-respectively. Any write, fsync or snapshot error fails the journal for good; fsync is
-never retried, because after a failed fsync the kernel may have dropped the dirty pages
+respectively. Batches are lazy about records nobody waits for: ``append`` alone
+does not wake the writer; ``durable``/``synced`` do, and so do
+``LAZY_BATCH_RECORDS`` queued records or ``LAZY_BATCH_DELAY_S`` after the first.
+Under ``"always"`` a batch is fdatasync'ed when someone waits for durability or
+``fsync_interval_ms`` has passed, so a record that is never awaited (a
+validation's audit record) is on disk within ``fsync_interval_ms``.
+
+Any write, fsync or snapshot error fails the journal for good; fsync is never
+retried, because after a failed fsync the kernel may have dropped the dirty pages
 and a second fsync can succeed without the data.
 """
 
@@ -132,6 +139,12 @@ RECORD_HEADER_BYTES: Final = _RECORD_HEADER.size  # 17
 SNAPSHOT_HEADER_BYTES: Final = _SNAPSHOT_HEADER.size  # 28
 # Offset inside a record header where the CRC-covered bytes (seq + payload) start.
 _CRC_START: Final = 9
+
+# Records nobody waits for (a validation's audit record) do not wake the writer
+# each: it is woken when someone awaits ``durable``/``synced``, when this many
+# records are queued, or this long after the first record of a batch was queued.
+LAZY_BATCH_RECORDS: Final = 1024
+LAZY_BATCH_DELAY_S: Final = 0.005
 
 _SEGMENT_RE = re.compile(r"journal-(\d{20})\.log")
 _SNAPSHOT_RE = re.compile(r"snapshot-(\d{20})\.snap")
@@ -908,6 +921,7 @@ class Journal:
         self._failed: PersistenceError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._lazy_wake: asyncio.TimerHandle | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._timer_task: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -986,7 +1000,8 @@ class Journal:
             self._last_snapshot_seq = rescue.seq
             self._stats["snapshots"] += 1
         self._writer_task = asyncio.create_task(self._writer(), name="journal-writer")
-        if self._policy == "interval":
+        if self._policy != "never":
+            # Under "always" too: records nobody waits for are fsynced by it.
             self._timer_task = asyncio.create_task(self._interval_timer(), name="journal-fsync")
 
     async def close(self, *, snapshot: bool = True) -> None:
@@ -1044,9 +1059,14 @@ class Journal:
         seq = self._last_seq + 1
         seq_bytes = _SEQ.pack(seq)
         crc = zlib.crc32(body, zlib.crc32(seq_bytes))
-        self._queue.append(_RECORD_HEADER.pack(RECORD_MAGIC, length, crc, seq) + body)
+        queue = self._queue
+        queue.append(_RECORD_HEADER.pack(RECORD_MAGIC, length, crc, seq) + body)
         self._last_seq = seq
-        self._wake.set()
+        if len(queue) >= LAZY_BATCH_RECORDS:
+            self._wake.set()
+        elif self._lazy_wake is None:
+            assert self._loop is not None
+            self._lazy_wake = self._loop.call_later(LAZY_BATCH_DELAY_S, self._wake_writer)
         self._since_snapshot += 1
         if self._since_snapshot >= self._snapshot_every and not self._snapshot_scheduled:
             self._snapshot_scheduled = True
@@ -1065,6 +1085,7 @@ class Journal:
         """
         if seq <= self.durable_seq:
             return
+        self._wake.set()
         await self._wait(self._durable_waiters, seq)
 
     async def synced(self, seq: int) -> None:
@@ -1075,8 +1096,7 @@ class Journal:
         """
         if seq <= self._synced_seq:
             return
-        if self._policy != "always":
-            self._wake.set()
+        self._wake.set()
         await self._wait(self._synced_waiters, seq)
 
     async def snapshot_now(self) -> None:
@@ -1143,10 +1163,16 @@ class Journal:
                 self._sync_due = True
                 self._wake.set()
 
+    def _wake_writer(self) -> None:
+        self._lazy_wake = None
+        self._wake.set()
+
     def _want_sync(self) -> bool:
+        # Under "always", an fsync is owed to whoever waits for durability; the
+        # records nobody waits for are fsynced by the interval timer.
         return (
-            self._policy == "always"
-            or bool(self._synced_waiters)
+            bool(self._synced_waiters)
+            or (self._policy == "always" and bool(self._durable_waiters))
             or self._sync_due
             or self._stopping
         )
@@ -1157,6 +1183,9 @@ class Journal:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._lazy_wake is not None:
+                    self._lazy_wake.cancel()
+                    self._lazy_wake = None
                 if self._failed is not None:
                     return
                 sync = self._want_sync()
@@ -1205,9 +1234,10 @@ class Journal:
         stats["fsync_seconds_total"] += progress.fsync_seconds
         stats["last_batch_records"] = progress.records
         stats["snapshots"] += len(progress.snapshots)
-        if self._on_batch is not None and progress.records:
-            # Per batch, for latency histograms: records written and, when the
-            # batch was fsynced, the time its fsync took.
+        if self._on_batch is not None and (progress.records or progress.fsyncs):
+            # Per batch, for latency histograms: records written (0 for an
+            # fsync-only batch) and, when the batch was fsynced, the time its
+            # fsync took.
             self._on_batch(progress.records, progress.fsync_seconds if progress.fsyncs else None)
         for request in progress.snapshots:
             if request.waiter is not None and not request.waiter.done():

@@ -79,7 +79,8 @@ def update_journal(stats: dict[str, Any]) -> None:
 
 
 def observe_batch(records: int, fsync_seconds: float | None) -> None:
-    JOURNAL_BATCH_RECORDS.observe(records)
+    if records:
+        JOURNAL_BATCH_RECORDS.observe(records)
     if fsync_seconds is not None:
         JOURNAL_FSYNC_LATENCY.observe(fsync_seconds)
 

@@ -781,6 +781,65 @@ async def test_relaxed_policy_when_durable_then_no_fsync_until_synced_asks(
     assert [s for s, _p in recover(state).records] == seqs
 
 
+async def test_always_policy_when_nobody_waits_then_written_lazily_and_fsync_owed_to_waiters(
+    tmp_path: Path,
+) -> None:
+    # A validation's audit record is appended and never awaited: under
+    # "always" it is written in a batch of its own accord but costs no
+    # fdatasync until someone waits for durability (or the interval passes).
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = CountingOps()
+    batches: asyncio.Queue[tuple[int, float | None]] = asyncio.Queue()
+    journal = Journal(
+        state,
+        recover(state),
+        fsync="always",
+        fsync_interval_ms=3_600_000,
+        snapshot_source=dict,
+        ops=ops,
+        on_batch=lambda records, fsync_s: batches.put_nowait((records, fsync_s)),
+    )
+    await journal.start()
+    after_start = ops.fdatasyncs
+    for i in range(1, 6):
+        journal.append(payload(i))
+
+    records, fsync_s = await asyncio.wait_for(batches.get(), timeout=10)
+
+    assert (records, fsync_s) == (5, None)  # one batch, written, not fsynced
+    assert ops.fdatasyncs == after_start
+    assert journal.durable_seq == 0  # under "always", durable means fsynced
+    assert [s for s, _p in recover(state, repair=False).records] == [1, 2, 3, 4, 5]
+    await asyncio.wait_for(journal.durable(3), timeout=10)
+    assert ops.fdatasyncs == after_start + 1
+    assert journal.durable_seq == 5  # the one fsync covers everything written
+    await journal.close(snapshot=False)
+
+
+async def test_always_policy_when_nobody_waits_then_fsynced_within_the_interval(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    fsynced = asyncio.Event()
+    journal = Journal(
+        state,
+        recover(state),
+        fsync="always",
+        fsync_interval_ms=10,
+        snapshot_source=dict,
+        on_batch=lambda _records, fsync_s: fsynced.set() if fsync_s is not None else None,
+    )
+    await journal.start()
+    seq = journal.append(payload(1))
+
+    await asyncio.wait_for(fsynced.wait(), timeout=10)
+
+    assert journal.synced_seq == journal.durable_seq == seq
+    await journal.close(snapshot=False)
+
+
 async def test_interval_policy_when_time_passes_then_fsynced_without_asking(
     tmp_path: Path,
 ) -> None:
