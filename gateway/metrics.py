@@ -72,6 +72,37 @@ VALIDATION_LATENCY = Histogram(
 )
 
 
+# Labelled children by label values. ``labels()`` costs about 5 µs a call
+# (it validates and joins the values each time); a cached child's ``inc()``
+# about 0.5 µs, and these run on every request. The label values are bounded:
+# methods the codec knows (or "?"), error codes, decisions and reason codes.
+_requests: dict[tuple[str, str], Any] = {}
+_validations: dict[str, Any] = {}
+_rejects: dict[str, Any] = {}
+
+
+def count_request(method: str, code: str) -> None:
+    """``riskgw_requests_total{method, code}`` += 1."""
+    child = _requests.get((method, code))
+    if child is None:
+        child = _requests[(method, code)] = REQUESTS.labels(method=method, code=code)
+    child.inc()
+
+
+def count_validation(decision: str, reasons: list[dict[str, Any]]) -> None:
+    """``riskgw_validations_total{decision}`` and each reason's counter += 1."""
+    child = _validations.get(decision)
+    if child is None:
+        child = _validations[decision] = VALIDATIONS.labels(decision=decision)
+    child.inc()
+    for reason in reasons:
+        code = reason["code"]
+        child = _rejects.get(code)
+        if child is None:
+            child = _rejects[code] = REJECT_REASONS.labels(reason=code)
+        child.inc()
+
+
 def update_journal(stats: dict[str, Any]) -> None:
     JOURNAL_RECORDS.set(stats.get("records_written", 0))
     JOURNAL_FSYNCS.set(stats.get("fsyncs", 0))
