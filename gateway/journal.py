@@ -862,6 +862,20 @@ class _Progress:
 _Item = bytes | _SnapshotRequest
 
 
+# Who waits for a seq: a future (``durable``/``synced``) or a callback
+# (``when_durable``).
+_Waiter = asyncio.Future[None] | Callable[[PersistenceError | None], None]
+
+
+def _call(
+    callback: Callable[[PersistenceError | None], None], error: PersistenceError | None
+) -> None:
+    try:
+        callback(error)
+    except Exception:
+        log.exception("durability callback raised")
+
+
 class Journal:
     """The single writer of a state directory.
 
@@ -911,8 +925,8 @@ class Journal:
         self._since_snapshot = 0
         self._last_snapshot_seq = recovered.snapshot_seq
         self._snapshot_scheduled = False
-        self._durable_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._synced_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._durable_waiters: list[tuple[int, int, _Waiter]] = []
+        self._synced_waiters: list[tuple[int, int, _Waiter]] = []
         self._tiebreak = itertools.count()
         self._sync_due = False
         self._stopping = False
@@ -1088,6 +1102,29 @@ class Journal:
         self._wake.set()
         await self._wait(self._durable_waiters, seq)
 
+    def when_durable(self, seq: int, callback: Callable[[PersistenceError | None], None]) -> None:
+        """Call ``callback(None)`` once record ``seq`` is durable, as ``durable`` would
+        return; ``callback(error)`` if it never will be.
+
+        For a caller with many records in flight (a connection's acknowledgements),
+        this costs a heap entry instead of a task and a future per record. The
+        callback runs on the loop, at once if ``seq`` is durable already, else from
+        the journal's bookkeeping: it must be quick, and what it raises is logged.
+        Raises like ``durable`` for a seq never appended or a closed journal.
+        """
+        if self._failed is not None:
+            _call(callback, self._caller_error())
+            return
+        if seq > self._last_seq:
+            raise ValueError(f"seq {seq} was never appended (last is {self._last_seq})")
+        if seq <= self.durable_seq:
+            _call(callback, None)
+            return
+        if self._closed and self._close_task is not None and self._close_task.done():
+            raise RuntimeError("journal closed")
+        heapq.heappush(self._durable_waiters, (seq, next(self._tiebreak), callback))
+        self._wake.set()
+
     async def synced(self, seq: int) -> None:
         """Return once record ``seq`` is fdatasync'ed, whatever the policy.
 
@@ -1114,7 +1151,7 @@ class Journal:
 
     # ------------------------------------------------------------------ loop internals
 
-    async def _wait(self, heap: list[tuple[int, int, asyncio.Future[None]]], seq: int) -> None:
+    async def _wait(self, heap: list[tuple[int, int, _Waiter]], seq: int) -> None:
         if self._failed is not None:
             raise self._caller_error() from self._failed
         if seq > self._last_seq:
@@ -1246,18 +1283,26 @@ class Journal:
         self._release(self._synced_waiters, self._synced_seq)
 
     @staticmethod
-    def _release(heap: list[tuple[int, int, asyncio.Future[None]]], upto: int) -> None:
+    def _release(heap: list[tuple[int, int, _Waiter]], upto: int) -> None:
         while heap and heap[0][0] <= upto:
-            fut = heapq.heappop(heap)[2]
-            if not fut.done():  # a cancelled caller left its future behind
-                fut.set_result(None)
+            waiter = heapq.heappop(heap)[2]
+            if not isinstance(waiter, asyncio.Future):
+                _call(waiter, None)
+            elif not waiter.done():  # a cancelled caller left its future behind
+                waiter.set_result(None)
 
-    def _fail_waiters(self, make: Callable[[], BaseException]) -> None:
+    def _fail_waiters(self, make: Callable[[], PersistenceError | RuntimeError]) -> None:
         for heap in (self._durable_waiters, self._synced_waiters):
-            for _seq, _n, fut in heap:
-                if not fut.done():
-                    fut.set_exception(make())
+            waiters = [waiter for _seq, _n, waiter in heap]
             heap.clear()
+            for waiter in waiters:
+                if not isinstance(waiter, asyncio.Future):
+                    error = make()
+                    if not isinstance(error, PersistenceError):  # closed meanwhile
+                        error = PersistenceError(f"record not made durable: {error}")
+                    _call(waiter, error)
+                elif not waiter.done():
+                    waiter.set_exception(make())
         for item in itertools.chain(self._inflight, self._queue):
             if isinstance(item, _SnapshotRequest) and item.waiter and not item.waiter.done():
                 item.waiter.set_exception(make())

@@ -107,6 +107,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Durable:
+    """A request's answer, to be sent once journal record ``seq`` is durable."""
+
+    seq: int
+    result: dict[str, Any]
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     """One WebSocket connection: who it is and what it asked for."""
@@ -437,7 +445,7 @@ class Gateway:
                     )
                     await _close(ws, CloseCode.TOO_MANY_MESSAGES, "too many messages")
                     return
-                metrics.REQUESTS.labels(method="?", code=ErrorCode.RATE_LIMITED.value).inc()
+                metrics.count_request("?", ErrorCode.RATE_LIMITED.value)
                 await session.send(
                     codec.encode_error(
                         codec.peek_id(frame),
@@ -452,7 +460,7 @@ class Gateway:
         try:
             request = codec.decode(frame)
         except ProtocolError as exc:
-            metrics.REQUESTS.labels(method="?", code=exc.code.value).inc()
+            metrics.count_request("?", exc.code.value)
             log.debug("connection %d: frame refused, %s", session.conn_id, exc.code.value)
             await session.send(codec.encode_error(exc.request_id, exc.code, exc.message))
             return
@@ -464,26 +472,47 @@ class Gateway:
                 )
             outcome = self._dispatch(session, request)
             if isinstance(outcome, bytes):
-                metrics.REQUESTS.labels(method=method, code="ok").inc()
+                metrics.count_request(method, "ok")
                 if outcome:  # empty: the answer was already queued in order
                     await session.send(outcome)
+            elif isinstance(outcome, _Durable):
+                # Answered by the journal's callback once durable; keep reading.
+                self._when_durable(session, request, outcome)
             else:
                 # Answered from a task once durable; keep reading meanwhile.
                 task = asyncio.create_task(self._answer_later(session, request, outcome))
                 session.pending.add(task)
                 task.add_done_callback(session.pending.discard)
         except ProtocolError as exc:
-            metrics.REQUESTS.labels(method=method, code=exc.code.value).inc()
+            metrics.count_request(method, exc.code.value)
             log.debug("connection %d: %s refused, %s", session.conn_id, method, exc.code.value)
             await session.send(codec.encode_error(request.id, exc.code, exc.message))
             if exc.code is ErrorCode.UNAUTHENTICATED and method == "session.auth":
                 await _close(session.ws, CloseCode.AUTH_FAILED, "authentication failed")
         except Exception:
             log.exception("internal error in %s", method)
-            metrics.REQUESTS.labels(method=method, code=ErrorCode.INTERNAL.value).inc()
+            metrics.count_request(method, ErrorCode.INTERNAL.value)
             await session.send(
                 codec.encode_error(request.id, ErrorCode.INTERNAL, "internal error (logged)")
             )
+
+    def _when_durable(self, session: Session, request: Request, outcome: _Durable) -> None:
+        request_id = request.id
+        method = request.method
+        result = outcome.result
+
+        def answer(error: PersistenceError | None) -> None:
+            if error is None:
+                metrics.count_request(method, "ok")
+                frame = codec.encode_ok(request_id, result)
+            else:
+                metrics.count_request(method, ErrorCode.UNAVAILABLE.value)
+                frame = codec.encode_error(request_id, ErrorCode.UNAVAILABLE, _unavailable(error))
+            # Queued behind any pushes; a closed connection drops it.
+            session.outbox.push(frame)
+
+        assert self.store is not None and self.store.journal is not None
+        self.store.journal.when_durable(outcome.seq, answer)
 
     async def _answer_later(
         self, session: Session, request: Request, outcome: Awaitable[dict[str, Any]]
@@ -491,12 +520,12 @@ class Gateway:
         try:
             result = await outcome
             frame = codec.encode_ok(request.id, result)
-            metrics.REQUESTS.labels(method=request.method, code="ok").inc()
+            metrics.count_request(request.method, "ok")
         except ProtocolError as exc:
-            metrics.REQUESTS.labels(method=request.method, code=exc.code.value).inc()
+            metrics.count_request(request.method, exc.code.value)
             frame = codec.encode_error(request.id, exc.code, exc.message)
         except PersistenceError as exc:
-            metrics.REQUESTS.labels(method=request.method, code=ErrorCode.UNAVAILABLE.value).inc()
+            metrics.count_request(request.method, ErrorCode.UNAVAILABLE.value)
             frame = codec.encode_error(request.id, ErrorCode.UNAVAILABLE, _unavailable(exc))
         except Exception:
             log.exception("internal error in %s", request.method)
@@ -506,7 +535,9 @@ class Gateway:
 
     # -------------------------------------------------------------- methods
 
-    def _dispatch(self, session: Session, request: Request) -> bytes | Awaitable[dict[str, Any]]:
+    def _dispatch(
+        self, session: Session, request: Request
+    ) -> bytes | _Durable | Awaitable[dict[str, Any]]:
         """Run one request. Returns the response bytes, or an awaitable result
         when the answer must wait for durability."""
         params = request.params
@@ -525,7 +556,7 @@ class Gateway:
                 cancel_on_disconnect=session.cancel_on_disconnect,
             )
             metrics.VALIDATION_LATENCY.observe(time.perf_counter() - started)
-            metrics.VALIDATIONS.labels(decision=decision["decision"]).inc()
+            metrics.count_validation(decision["decision"], decision["reasons"])
             if decision["reasons"] and log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "connection %d: order.validate %s %s %s rejected: %s",
@@ -535,12 +566,10 @@ class Gateway:
                     params.side,
                     ", ".join(reason["code"] for reason in decision["reasons"]),
                 )
-            for reason in decision["reasons"]:
-                metrics.REJECT_REASONS.labels(reason=reason["code"]).inc()
             seq = self._commit()
             self._publish()
             if params.reserve and decision["reservation_id"] is not None and seq:
-                return self._after_durable(seq, decision)
+                return _Durable(seq, decision)
             return codec.encode_ok(request.id, decision)
         if method == "session.auth":
             assert isinstance(params, SessionAuth)
@@ -608,7 +637,7 @@ class Gateway:
 
     def _trading(
         self, session: Session, request: Request, principal: Principal
-    ) -> bytes | Awaitable[dict[str, Any]]:
+    ) -> bytes | _Durable | Awaitable[dict[str, Any]]:
         params = request.params
         self._require_writable()
         manager = self.manager
@@ -641,12 +670,7 @@ class Gateway:
         self._publish()
         if not seq:
             return codec.encode_ok(request.id, result)
-        return self._after_durable(seq, result)
-
-    async def _after_durable(self, seq: int, result: dict[str, Any]) -> dict[str, Any]:
-        assert self.store is not None
-        await self.store.durable(seq)
-        return result
+        return _Durable(seq, result)
 
     async def _set_emergency(self, params: EmergencySet, actor: str) -> dict[str, Any]:
         """Durable before the response and the push, in every fsync mode.

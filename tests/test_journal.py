@@ -704,6 +704,80 @@ async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_n
     assert journal.stats["fsyncs"] < 60
 
 
+async def test_when_durable_when_many_callbacks_then_each_called_once_after_its_fsync(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = RecordingOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start()
+    done = asyncio.Event()
+    answered: list[tuple[int, PersistenceError | None]] = []
+
+    def callback_for(seq: int) -> Any:
+        def answer(error: PersistenceError | None) -> None:
+            ops.ack(seq)
+            answered.append((seq, error))
+            if len(answered) == 300:
+                done.set()
+
+        return answer
+
+    for i in range(300):
+        seq = journal.append(payload(i))
+        journal.when_durable(seq, callback_for(seq))
+        if i % 50 == 49:
+            await asyncio.sleep(0)  # let some batches go while more arrive
+    await asyncio.wait_for(done.wait(), timeout=10)
+
+    assert sorted(seq for seq, _e in answered) == list(range(1, 301))
+    assert all(error is None for _s, error in answered)
+    written: dict[int, int] = {}
+    synced = 0
+    for kind, fd, seq in ops.events:
+        if kind == "write":
+            written[fd] = max(written.get(fd, 0), seq)
+        elif kind == "fdatasync":
+            synced = max(synced, written.get(fd, 0))
+        else:
+            assert seq <= synced, f"seq {seq} answered before an fdatasync covered it"
+    # Already durable: answered at once.
+    late: list[PersistenceError | None] = []
+    journal.when_durable(300, late.append)
+    assert late == [None]
+    await journal.close(snapshot=False)
+
+
+class FailingSyncOps(FileOps):
+    def fdatasync(self, fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+
+async def test_when_durable_when_fsync_fails_then_callback_gets_persistence_error(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    journal = Journal(state, recover(state), snapshot_source=dict)
+    await journal.start()
+    journal._ops = FailingSyncOps()  # from now on: the segment exists, fsyncs fail
+    answered: asyncio.Queue[PersistenceError | None] = asyncio.Queue()
+    seq = journal.append(payload(1))
+    journal.when_durable(seq, answered.put_nowait)
+
+    error = await asyncio.wait_for(answered.get(), timeout=10)
+
+    assert isinstance(error, PersistenceError)
+    assert "Input/output error" in str(error)
+    # A failed journal answers later callers at once, with the same cause.
+    again: list[PersistenceError | None] = []
+    journal.when_durable(seq, again.append)
+    assert len(again) == 1 and isinstance(again[0], PersistenceError)
+    with pytest.raises(PersistenceError):
+        await journal.close(snapshot=False)
+
+
 class BlockingSyncOps(FileOps):
     """fdatasync waits for the test to let it through."""
 
