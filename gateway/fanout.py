@@ -510,9 +510,13 @@ class Fanout:
         self._clock = clock
         self._seq: dict[Channel, int] = dict.fromkeys(SEQ_CHANNELS, 0)
         # (seq, frame, account or None) of the last events, for resume.
-        self._buffers: dict[Channel, deque[tuple[int, bytes, str | None]]] = {
-            channel: deque(maxlen=buffer_size) for channel in SEQ_CHANNELS
-        }
+        # (seq, frame or None, account or None, data) of the last events, for
+        # resume. An event nobody was subscribed to live is kept unencoded
+        # (frame None) and encoded only if a resume asks for it: with no live
+        # ``decisions`` subscriber, a validation costs no encoding.
+        self._buffers: dict[
+            Channel, deque[tuple[int, bytes | None, str | None, dict[str, Any]]]
+        ] = {channel: deque(maxlen=buffer_size) for channel in SEQ_CHANNELS}
         self._alerts: deque[dict[str, Any]] = deque(maxlen=history)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=history)
         self._members: dict[int, _Member] = {}
@@ -740,8 +744,11 @@ class Fanout:
     def _emit(self, channel: Channel, data: dict[str, Any], account: str | None = None) -> None:
         seq = self._seq[channel] + 1
         self._seq[channel] = seq
+        if channel is not Channel.EMERGENCY and not self._live[channel]:
+            self._buffers[channel].append((seq, None, account, data))
+            return
         frame = encode_push(channel.value, seq, data)
-        self._buffers[channel].append((seq, frame, account))
+        self._buffers[channel].append((seq, frame, account, data))
         if channel is Channel.EMERGENCY:
             for member in list(self._members.values()):
                 member.sub.outbox.push(frame, priority=True, broadcast=True)
@@ -771,8 +778,11 @@ class Fanout:
         priority = channel is Channel.EMERGENCY
         start = resume + 1 - buffer[0][0]
         for index in range(start, len(buffer)):
-            _, frame, account = buffer[index]
+            seq, frame, account, data = buffer[index]
             if account is None or self._may_read(member, channel, account):
+                if frame is None:
+                    frame = encode_push(channel.value, seq, data)
+                    buffer[index] = (seq, frame, account, data)
                 outbox.push(frame, priority=priority, droppable=not priority)
         return True
 
