@@ -282,7 +282,7 @@ class Outbox:
         *,
         priority: bool = False,
         droppable: bool = False,
-        broadcast: bool = False,
+        defer: bool = False,
     ) -> bool:
         """Queue one JSON text frame; False if the connection is evicted or closed.
 
@@ -295,8 +295,10 @@ class Outbox:
         closed with 4003. A frame pushed onto empty output is always accepted,
         whatever its size: only output that piles up means a slow consumer.
 
-        ``broadcast``: the same frame goes to many connections; it is queued and
-        written in the flusher's next slice (see ``Flusher``) rather than at once.
+        ``defer``: queue the frame for the flusher's next slice (see ``Flusher``)
+        instead of writing it at once: for a push to many connections, and for
+        answers that come in bunches (the outbox's queued frames go out in one
+        write).
         """
         if self._closed:
             return False
@@ -310,7 +312,7 @@ class Outbox:
                 self._evict(queued)
                 return False
         flusher = self._flusher
-        if not (broadcast and flusher is not None) and self.write_now(frame):
+        if not (defer and flusher is not None) and self.write_now(frame):
             return True
         self._queue.append((frame, droppable))
         self._queued += size
@@ -686,7 +688,7 @@ class Fanout:
         self._depth += 1
         try:
             for member in list(self._members.values()):
-                member.sub.outbox.push(frame, droppable=True, broadcast=True)
+                member.sub.outbox.push(frame, droppable=True, defer=True)
         finally:
             self._leave()
 
@@ -751,11 +753,11 @@ class Fanout:
         self._buffers[channel].append((seq, frame, account, data))
         if channel is Channel.EMERGENCY:
             for member in list(self._members.values()):
-                member.sub.outbox.push(frame, priority=True, broadcast=True)
+                member.sub.outbox.push(frame, priority=True, defer=True)
             return
         for member in list(self._live[channel].values()):
             if account is None or self._may_read(member, channel, account):
-                member.sub.outbox.push(frame, droppable=True, broadcast=True)
+                member.sub.outbox.push(frame, droppable=True, defer=True)
 
     @staticmethod
     def _may_read(member: _Member, channel: Channel, account: str) -> bool:

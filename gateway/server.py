@@ -133,13 +133,18 @@ class Session:
     async def send(self, frame: bytes) -> None:
         """Send a response, keeping order behind any queued pushes."""
         outbox = self.outbox
+        ws = self.ws
         if outbox.busy:
             outbox.push(frame)
-        elif outbox.write_now(frame):
-            if self.ws.paused:  # over the high-water mark: stop reading until it drains
-                await self.ws.drain()
-        else:
-            await self.ws.send(frame, text=True)
+        elif len(ws.recv_messages.frames):
+            # More requests were read already: their answers go out together,
+            # in one write, once this burst has been handled.
+            outbox.push(frame, defer=True)
+        elif not outbox.write_now(frame):
+            await ws.send(frame, text=True)
+            return
+        if ws.paused:  # over the high-water mark: stop reading until it drains
+            await ws.drain()
 
 
 class Gateway:
@@ -508,8 +513,9 @@ class Gateway:
             else:
                 metrics.count_request(method, ErrorCode.UNAVAILABLE.value)
                 frame = codec.encode_error(request_id, ErrorCode.UNAVAILABLE, _unavailable(error))
-            # Queued behind any pushes; a closed connection drops it.
-            session.outbox.push(frame)
+            # Queued behind any pushes, and written with the other answers the
+            # same fsync released; a closed connection drops it.
+            session.outbox.push(frame, defer=True)
 
         assert self.store is not None and self.store.journal is not None
         self.store.journal.when_durable(outcome.seq, answer)
