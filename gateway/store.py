@@ -73,7 +73,7 @@ class Store:
         manager = self.manager
         if recovered.snapshot is not None:
             manager.load_snapshot(recovered.snapshot)
-        self.replayed = manager.replay(payload for _, payload in recovered.records)
+        self.replayed = manager.replay(recovered.payloads)
         self.recovered = recovered
         self.recovery_seconds = time.perf_counter() - started
         if recovered.fresh:

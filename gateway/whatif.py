@@ -120,9 +120,12 @@ def read_history(
             continue  # every record of this segment is at or before the base
         info = journal._SegmentInfo(name=name, first_seq=first_seq)
         data = (state_dir / name).read_bytes()
+        payloads: list[dict[str, Any]] = []
         expected, damage, _torn = journal._scan_segment(
-            info, data, expected=expected, is_last=is_last, out=records
+            info, data, expected=expected, is_last=is_last, out=payloads
         )
+        # Those are the records up to expected - 1, without gaps.
+        records.extend(zip(range(expected - len(payloads), expected), payloads, strict=True))
         if damage is not None:
             break
     return snapshot, records

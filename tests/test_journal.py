@@ -4,6 +4,7 @@ corruption, group commit, fsync policies and the state-directory lock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import struct
@@ -18,7 +19,7 @@ import orjson
 import pytest
 
 from gateway.journal import (
-    RECORD_HEADER_BYTES,
+    FRAME_HEADER_BYTES,
     SEGMENT_HEADER_BYTES,
     FileOps,
     Journal,
@@ -44,14 +45,17 @@ def snap_name(seq: int) -> str:
 
 
 def encode_segment_header(first_seq: int) -> bytes:
-    head = b"RGJ1" + struct.pack("<IQ", 1, first_seq)
+    head = b"RGJ1" + struct.pack("<IQ", 2, first_seq)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def encode_record(seq: int, payload: dict[str, Any]) -> bytes:
-    body = orjson.dumps(payload)
-    crc = zlib.crc32(struct.pack("<Q", seq) + body)
-    return struct.pack("<BIIQ", 0xA5, len(body), crc, seq) + body
+def encode_frame_body(first_seq: int, count: int, body: bytes) -> bytes:
+    tail = struct.pack("<QI", first_seq, count)
+    return struct.pack("<BII", 0xA5, len(body), zlib.crc32(tail + body)) + tail + body
+
+
+def encode_frame(first_seq: int, payloads: list[dict[str, Any]]) -> bytes:
+    return encode_frame_body(first_seq, len(payloads), orjson.dumps(payloads))
 
 
 def encode_snapshot(seq: int, payload: dict[str, Any]) -> bytes:
@@ -60,15 +64,20 @@ def encode_snapshot(seq: int, payload: dict[str, Any]) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
 
 
-def record_bounds(data: bytes) -> list[int]:
-    """Start offsets of the records of a segment, plus its end."""
+def frame_bounds(data: bytes) -> list[int]:
+    """Start offsets of the frames of a segment, plus its end."""
     bounds = [SEGMENT_HEADER_BYTES]
     off = SEGMENT_HEADER_BYTES
     while off < len(data):
         (length,) = struct.unpack_from("<I", data, off + 1)
-        off += RECORD_HEADER_BYTES + length
+        off += FRAME_HEADER_BYTES + length
         bounds.append(off)
     return bounds
+
+
+def frame_counts(data: bytes) -> list[int]:
+    """How many records each frame of a segment holds."""
+    return [struct.unpack_from("<I", data, off + 17)[0] for off in frame_bounds(data)[:-1]]
 
 
 def payload(i: int) -> dict[str, Any]:
@@ -234,21 +243,25 @@ async def test_snapshot_now_when_called_then_durable_snapshot_at_last_seq(
 # --------------------------------------------------------------------------- torn tails
 
 
-async def test_torn_tail_at_every_offset_of_last_three_records_then_exact_prefix(
-    tmp_path: Path,
+@pytest.mark.parametrize("batch", [1, 3])
+async def test_torn_tail_at_every_offset_of_last_three_frames_then_exact_prefix(
+    tmp_path: Path, batch: int
 ) -> None:
     base = tmp_path / "base"
-    await write_records(base, list(range(1, 7)))
+    # One frame per group-commit batch: each wave of ``batch`` records is one batch.
+    await write_records(base, list(range(1, 3 * batch + 4)), wave=batch)
     data = (base / seg_name(1)).read_bytes()
-    bounds = record_bounds(data)
-    assert len(bounds) == 7
+    bounds = frame_bounds(data)
+    counts = frame_counts(data)
+    assert counts[-3:] == [batch] * 3
 
     for cut in range(bounds[-4], bounds[-1] + 1):
         state = tmp_path / f"cut{cut}"
         state.mkdir()
         (state / seg_name(1)).write_bytes(data[:cut])
-        complete = sum(1 for end in bounds[1:] if end <= cut)
-        good_len = bounds[complete]
+        frames = sum(1 for end in bounds[1:] if end <= cut)
+        complete = sum(counts[:frames])
+        good_len = bounds[frames]
 
         rec = recover(state)
 
@@ -307,7 +320,7 @@ async def test_recover_without_repair_when_torn_then_nothing_on_disk_changes(
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    await write_records(state, [1, 2, 3])
+    await write_records(state, [1, 2, 3], wave=1)
     path = state / seg_name(1)
     path.write_bytes(path.read_bytes()[:-5])
     (state / (snap_name(9) + ".tmp")).write_bytes(b"half a snapshot")
@@ -333,14 +346,16 @@ async def test_recover_when_snapshot_tmp_left_over_then_deleted(tmp_path: Path) 
 # --------------------------------------------------------------------------- corruption
 
 
-async def test_flipped_byte_in_middle_record_then_damage_names_file_and_offset(
-    tmp_path: Path,
+@pytest.mark.parametrize("batch", [1, 3])
+async def test_flipped_byte_in_middle_frame_then_damage_names_file_and_offset(
+    tmp_path: Path, batch: int
 ) -> None:
     base = tmp_path / "base"
-    await write_records(base, list(range(1, 10)))
+    await write_records(base, list(range(1, 9 * batch + 1)), wave=batch)
     data = (base / seg_name(1)).read_bytes()
-    bounds = record_bounds(data)
-    start, end = bounds[4], bounds[5]  # record 5 of 9
+    bounds = frame_bounds(data)
+    assert frame_counts(data) == [batch] * 9
+    start, end = bounds[4], bounds[5]  # frame 5 of 9
 
     for pos in range(start, end):
         state = tmp_path / f"flip{pos}"
@@ -356,8 +371,8 @@ async def test_flipped_byte_in_middle_record_then_damage_names_file_and_offset(
         assert start <= rec.damage.offset < end, (pos, rec.damage)
         assert rec.damage.describe().startswith(f"{seg_name(1)} at offset {rec.damage.offset}: ")
         assert rec.torn_tail is None and not rec.fresh
-        assert rec.records == [(i, payload(i)) for i in range(1, 5)]
-        assert rec.last_seq == 4
+        assert rec.records == [(i, payload(i)) for i in range(1, 4 * batch + 1)]
+        assert rec.last_seq == 4 * batch
         assert (state / seg_name(1)).read_bytes() == bytes(corrupted)
 
 
@@ -365,11 +380,11 @@ async def test_damage_in_earlier_segment_when_later_segments_exist_then_stop_the
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    await write_records(state, [1, 2, 3])
+    await write_records(state, [1, 2, 3], wave=2)
     await write_records(state, [4, 5])
     path = state / seg_name(1)
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01  # the last record of a segment that is not the last one
+    data[-1] ^= 0x01  # the last frame (record 3) of a segment that is not the last one
     path.write_bytes(bytes(data))
 
     rec = recover(state)
@@ -382,15 +397,20 @@ async def test_damage_in_earlier_segment_when_later_segments_exist_then_stop_the
 def test_sequence_discontinuity_when_checksums_valid_then_damage(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    recs = [encode_record(s, payload(s)) for s in (1, 2, 4, 5)]
-    (state / seg_name(1)).write_bytes(encode_segment_header(1) + b"".join(recs))
+    frames = [
+        encode_frame(1, [payload(1)]),
+        encode_frame(2, [payload(2), payload(3)]),
+        encode_frame(5, [payload(5), payload(6)]),
+        encode_frame(7, [payload(7)]),
+    ]
+    (state / seg_name(1)).write_bytes(encode_segment_header(1) + b"".join(frames))
 
     rec = recover(state)
 
     assert rec.damage is not None
-    assert rec.damage.offset == SEGMENT_HEADER_BYTES + len(recs[0]) + len(recs[1])
-    assert "discontinuity" in rec.damage.detail
-    assert [seq for seq, _p in rec.records] == [1, 2]
+    assert rec.damage.offset == SEGMENT_HEADER_BYTES + len(frames[0]) + len(frames[1])
+    assert rec.damage.detail == "sequence discontinuity: expected seq 4, found 5"
+    assert [seq for seq, _p in rec.records] == [1, 2, 3]
 
 
 def test_journal_starting_after_snapshot_seq_when_recovering_then_gap_damage(
@@ -399,7 +419,7 @@ def test_journal_starting_after_snapshot_seq_when_recovering_then_gap_damage(
     state = tmp_path / "state"
     state.mkdir()
     (state / snap_name(5)).write_bytes(encode_snapshot(5, {"items": [1, 2, 3, 4, 5]}))
-    (state / seg_name(8)).write_bytes(encode_segment_header(8) + encode_record(8, payload(8)))
+    (state / seg_name(8)).write_bytes(encode_segment_header(8) + encode_frame(8, [payload(8)]))
 
     rec = recover(state)
 
@@ -408,19 +428,97 @@ def test_journal_starting_after_snapshot_seq_when_recovering_then_gap_damage(
     assert rec.snapshot_seq == 5 and rec.records == [] and rec.last_seq == 5
 
 
-def test_checksummed_record_that_is_not_an_object_then_damage(tmp_path: Path) -> None:
+def test_checksummed_record_that_is_not_an_object_then_damage_at_its_frame(
+    tmp_path: Path,
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    body = b"[1,2]"
-    bad = struct.pack("<BIIQ", 0xA5, len(body), zlib.crc32(struct.pack("<Q", 2) + body), 2)
+    good = encode_frame(1, [payload(1), payload(2)])
+    bad = encode_frame_body(3, 2, orjson.dumps([payload(3), [1, 2]]))
     (state / seg_name(1)).write_bytes(
-        encode_segment_header(1) + encode_record(1, payload(1)) + bad + body
+        encode_segment_header(1) + good + bad + encode_frame(5, [payload(5)])
     )
 
     rec = recover(state)
 
-    assert rec.damage is not None and "not a JSON object" in rec.damage.detail
-    assert rec.records == [(1, payload(1))]
+    assert rec.damage is not None
+    assert rec.damage.detail == "record 4 payload is not a JSON object"
+    assert rec.damage.offset == SEGMENT_HEADER_BYTES + len(good)
+    assert rec.torn_tail is None
+    # The frame is the unit of checking: none of its records is kept.
+    assert rec.records == [(1, payload(1)), (2, payload(2))] and rec.last_seq == 2
+
+
+@pytest.mark.parametrize(
+    ("count", "body"),
+    [
+        (2, orjson.dumps([payload(3)])),  # fewer records than the header counts
+        (1, orjson.dumps([payload(3), payload(4)])),  # more
+        (1, orjson.dumps(payload(3))),  # not an array
+        (1, b"[{"),  # not JSON
+    ],
+)
+def test_checksummed_frame_that_does_not_hold_its_count_then_damage_at_its_frame(
+    tmp_path: Path, count: int, body: bytes
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    good = encode_frame(1, [payload(1), payload(2)])
+    (state / seg_name(1)).write_bytes(
+        encode_segment_header(1) + good + encode_frame_body(3, count, body)
+    )
+
+    rec = recover(state)
+    report = inspect_state_dir(state)
+
+    assert rec.damage is not None and rec.torn_tail is None
+    assert rec.damage.offset == SEGMENT_HEADER_BYTES + len(good)
+    assert rec.damage.detail == f"frame payload is not a JSON array of {count} records"
+    assert rec.records == [(1, payload(1)), (2, payload(2))] and rec.last_seq == 2
+    assert report["damage"] == rec.damage.as_dict()
+    assert report["segments"][0]["records"] == 2
+
+
+def test_checksummed_frame_of_no_records_then_not_a_frame(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    good = encode_frame(1, [payload(1)])
+    empty = encode_frame_body(2, 0, b"[]")
+    path = state / seg_name(1)
+    path.write_bytes(encode_segment_header(1) + good + empty + encode_frame(2, [payload(2)]))
+
+    damaged = recover(state, repair=False)
+    path.write_bytes(encode_segment_header(1) + good + empty)
+    torn = recover(state)
+
+    assert damaged.damage is not None and damaged.damage.detail == "frame holds no records"
+    assert damaged.damage.offset == SEGMENT_HEADER_BYTES + len(good)
+    assert damaged.records == [(1, payload(1))]
+    assert torn.damage is None and torn.torn_tail is not None
+    assert torn.records == [(1, payload(1))]
+    assert path.stat().st_size == SEGMENT_HEADER_BYTES + len(good)
+
+
+def test_snapshot_inside_a_frame_when_recovering_then_records_after_it_only(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / snap_name(6)).write_bytes(encode_snapshot(6, {"items": [1, 2, 3, 4, 5, 6]}))
+    (state / seg_name(1)).write_bytes(
+        encode_segment_header(1)
+        + encode_frame(1, [payload(i) for i in range(1, 5)])
+        + encode_frame(5, [payload(i) for i in range(5, 9)])
+        + encode_frame(9, [payload(9)])
+    )
+
+    rec = recover(state)
+    report = inspect_state_dir(state)
+
+    assert rec.damage is None and rec.torn_tail is None and rec.snapshot_seq == 6
+    assert rec.records == [(i, payload(i)) for i in (7, 8, 9)] and rec.last_seq == 9
+    assert Model(rec).items == list(range(1, 10))
+    assert report["segments"][0]["records"] == 9 and report["first_seq"] == 7
 
 
 async def test_newest_snapshot_corrupt_when_older_exists_then_damage_and_full_fallback(
@@ -460,11 +558,11 @@ async def test_inspect_when_damaged_then_same_report_as_recover_and_files_untouc
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    await write_records(state, list(range(1, 15)), wave=5, snapshot_every=5)
-    tail = state / seg_name(11)  # records 11..14 after the snapshot at 10
+    await write_records(state, list(range(1, 15)), wave=1, snapshot_every=5)
+    tail = state / seg_name(11)  # records 11..14 after the snapshot at 10, a frame each
     data = bytearray(tail.read_bytes())
-    bounds = record_bounds(bytes(data))
-    data[bounds[1] + 20] ^= 0x55  # record 12, followed by good records 13 and 14
+    bounds = frame_bounds(bytes(data))
+    data[bounds[1] + 24] ^= 0x55  # record 12, followed by good records 13 and 14
     tail.write_bytes(bytes(data))
     covered = state / seg_name(6)  # records 6..10, redundant while snapshot 10 reads
     covered.write_bytes(covered.read_bytes()[:-1] + b"?")
@@ -576,10 +674,10 @@ async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survive
     tmp_path: Path,
 ) -> None:
     state = tmp_path / "state"
-    await write_records(state, list(range(1, 10)))
+    await write_records(state, list(range(1, 10)), wave=1)
     path = state / seg_name(1)
     data = bytearray(path.read_bytes())
-    data[record_bounds(bytes(data))[4] + 3] ^= 0xFF
+    data[frame_bounds(bytes(data))[4] + 3] ^= 0xFF
     damaged_bytes = bytes(data)
     path.write_bytes(damaged_bytes)
     rec = recover(state)
@@ -640,7 +738,9 @@ def test_inspect_when_directory_missing_then_empty_fresh_report(tmp_path: Path) 
 
 
 class RecordingOps(FileOps):
-    """Logs writes (with the highest record seq they carry) and fdatasyncs in call order."""
+    """Logs writes (with the highest record seq they carry) and fdatasyncs in call order.
+
+    A write must hold whole frames."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, int]] = []
@@ -651,10 +751,12 @@ class RecordingOps(FileOps):
         chunk = bytes(data[:n])
         top = 0
         off = 0
-        while off + RECORD_HEADER_BYTES <= len(chunk) and chunk[off] == 0xA5:
-            _m, length, _crc, seq = struct.unpack_from("<BIIQ", chunk, off)
-            top = seq
-            off += RECORD_HEADER_BYTES + length
+        while off + FRAME_HEADER_BYTES <= len(chunk) and chunk[off] == 0xA5:
+            _m, length, _crc, first, count = struct.unpack_from("<BIIQI", chunk, off)
+            top = first + count - 1
+            off += FRAME_HEADER_BYTES + length
+        if chunk[:1] == b"\xa5":  # not a segment header or a snapshot
+            assert off == len(chunk), "a write that is not whole frames"
         with self.lock:
             self.events.append(("write", fd, top))
         return n
@@ -776,6 +878,54 @@ async def test_when_durable_when_fsync_fails_then_callback_gets_persistence_erro
     assert len(again) == 1 and isinstance(again[0], PersistenceError)
     with pytest.raises(PersistenceError):
         await journal.close(snapshot=False)
+
+
+async def test_batch_when_written_then_one_frame_in_one_write_per_group_commit(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ops = RecordingOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start()
+    start = len(ops.events)
+
+    seqs = [journal.append(payload(i)) for i in range(1, 51)]
+    await journal.durable(seqs[-1])
+    seqs.append(journal.append(payload(51)))
+    await journal.durable(seqs[-1])
+    await journal.close(snapshot=False)
+
+    assert [kind for kind, _fd, _seq in ops.events[start:]] == ["write", "fdatasync"] * 2
+    data = (state / seg_name(1)).read_bytes()
+    assert frame_counts(data) == [50, 1]
+    assert recover(state).records == [(i, payload(i)) for i in range(1, 52)]
+
+
+async def test_batch_when_larger_than_a_frame_then_split_over_frames_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    size = len(orjson.dumps(payload(10)))
+    # Room for three records of this size per frame, not four.
+    monkeypatch.setattr("gateway.journal.MAX_FRAME_BYTES", 3 * (size + 1) + 1)
+    ops = RecordingOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start()
+    start = len(ops.events)
+
+    seqs = [journal.append(payload(i)) for i in range(10, 20)]
+    await journal.durable(seqs[-1])
+    await journal.close(snapshot=False)
+
+    assert [kind for kind, _fd, _seq in ops.events[start:]] == ["write", "fdatasync"]
+    data = (state / seg_name(1)).read_bytes()
+    assert frame_counts(data) == [3, 3, 3, 1]
+    assert max(b - a for a, b in itertools.pairwise(frame_bounds(data))) <= (
+        FRAME_HEADER_BYTES + 3 * (size + 1) + 1
+    )
+    assert recover(state).records == [(s, payload(s + 9)) for s in range(1, 11)]
 
 
 class BlockingSyncOps(FileOps):

@@ -406,8 +406,9 @@ async def test_repair_fails_during_recovery_then_os_error_and_next_recovery_succ
 
 
 def rec_end(rec: Any) -> int:
-    """Length of the segment holding exactly the records ``rec`` returned."""
-    return 20 + sum(17 + len(orjson.dumps(p)) for _s, p in rec.records)
+    """Length of the segment holding exactly the records ``rec`` returned, each in a
+    frame of its own (each was awaited before the next was appended)."""
+    return 20 + sum(21 + len(orjson.dumps([p])) for _s, p in rec.records)
 
 
 # --------------------------------------------------------------------------- real disk full
