@@ -13,6 +13,7 @@ returns the sequence number to wait on before answering.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -74,6 +75,10 @@ class Store:
         if recovered.snapshot is not None:
             manager.load_snapshot(recovered.snapshot)
         self.replayed = manager.replay(recovered.payloads)
+        # Replayed: keep the summary (seqs, damage), not the payloads, which
+        # would stay alive as long as the gateway (half a gigabyte for a
+        # million records).
+        recovered = dataclasses.replace(recovered, snapshot=None, payloads=[])
         self.recovered = recovered
         self.recovery_seconds = time.perf_counter() - started
         if recovered.fresh:
