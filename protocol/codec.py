@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -37,8 +38,15 @@ from protocol.messages import (
     StateGet,
     Subscribe,
     Unsubscribe,
+    new_order_validate,
+    new_position_update,
+    new_request,
 )
 from protocol.values import (
+    MAX_DECIMAL_CHARS,
+    ZERO,
+    decimal_string_match,
+    name_match,
     parse_bool,
     parse_decimal,
     parse_int,
@@ -366,19 +374,30 @@ def _ignore_number(_text: str) -> int:
     return 0
 
 
+def _repeats_no_key(frame: bytes | str, keys: int) -> bool:
+    """True when the frame, whose parsed objects hold ``keys`` keys, repeats none.
+
+    Every key is followed by a colon outside any string, and no other colon is
+    outside a string, so a frame with exactly ``keys`` colons repeats no key: the
+    common case, one count. Colons inside string values (``"desk:1"``) only
+    add to that count; the key ends are then counted instead.
+    """
+    if isinstance(frame, str):
+        return frame.count(":") == keys or len(_KEY_END_TEXT.findall(frame)) == keys
+    if frame.count(b":") == keys:
+        return True
+    if _QUOTE_SPACE.search(frame) is None:
+        return frame.count(b'":') == keys
+    return len(_KEY_END.findall(frame)) == keys
+
+
 def _duplicate_key_error(frame: bytes | str, obj: dict[str, Any]) -> ProtocolError | None:
     """``BAD_REQUEST`` naming the first key an object of the frame repeats, else None.
 
-    Cheap when no key repeats (one scan of the frame and a walk over the parsed
-    keys); only a frame whose counts differ is read again, pair by pair.
+    Cheap when no key repeats (a count or a scan of the frame and a walk over
+    the parsed keys); only a frame whose counts differ is read again, pair by pair.
     """
-    if isinstance(frame, str):
-        matches = len(_KEY_END_TEXT.findall(frame))
-    elif _QUOTE_SPACE.search(frame) is None:
-        matches = frame.count(b'":')
-    else:
-        matches = len(_KEY_END.findall(frame))
-    if matches == _count_keys(obj):
+    if _repeats_no_key(frame, _count_keys(obj)):
         return None
     repeated: list[str] = []
 
@@ -413,6 +432,126 @@ def _duplicate_key_error(frame: bytes | str, obj: dict[str, Any]) -> ProtocolErr
     return error
 
 
+# ----------------------------------------------------------------- fast paths
+#
+# Most frames are well-formed order.validate and position.update requests. For
+# those two methods, decode first tries a reader of the all-correct shape only:
+# exactly id, method and params; a usable id; no unknown, missing or repeated
+# key; every value one the careful parsers above accept as it is. Anything else
+# (including every error) gives None, and the careful path reads the frame from
+# the start, so results, errors and their order are the careful path's alone.
+
+
+def _flat_params(frame: bytes | str, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """``params`` of an envelope of exactly id, method and params with a usable id,
+    in a frame with no more keys than the envelope's and params' own.
+
+    The caller accepts the frame only once every value of params is a scalar:
+    then those are all the frame's keys, and the count says none repeats.
+    """
+    params = obj.get("params")
+    rid = obj.get("id")
+    if (
+        len(obj) != 3
+        or type(params) is not dict
+        or not (type(rid) is int or (type(rid) is str and len(rid) <= MAX_ID_CHARS))
+        or not _repeats_no_key(frame, 3 + len(params))
+    ):
+        return None
+    return params
+
+
+def _quick_decimal(value: object, positive: bool) -> Decimal | None:
+    """What ``parse_decimal`` returns for ``value``, or None where it would refuse it."""
+    if type(value) is str:
+        if len(value) > MAX_DECIMAL_CHARS or decimal_string_match(value) is None:
+            return None
+        result = Decimal(value)
+        return None if positive and result <= ZERO else result
+    if type(value) is int or type(value) is float:
+        try:
+            return parse_decimal(value, "", positive=positive)
+        except ProtocolError:
+            return None
+    return None
+
+
+def _fast_order_validate(frame: bytes | str, obj: dict[str, Any]) -> Request | None:
+    p = _flat_params(frame, obj)
+    if p is None:
+        return None
+    account = p.get("account")
+    symbol = p.get("symbol")
+    side = p.get("side")
+    reserve = p.get("reserve", False)
+    coid = p.get("client_order_id")
+    # With five required keys and the optional ones counted, the length leaves
+    # no room for an unknown key; a missing one reads as None and fails below.
+    if (
+        len(p) != 5 + ("reserve" in p) + ("client_order_id" in p)
+        or type(account) is not str
+        or name_match(account) is None
+        or type(symbol) is not str
+        or name_match(symbol) is None
+        or (side != "buy" and side != "sell")
+        or type(reserve) is not bool
+        # As parse_text(max_len=64, allow_empty=False) of the careful path.
+        or (coid is not None and (type(coid) is not str or len(coid) > 64 or not coid.strip()))
+    ):
+        return None
+    qty = _quick_decimal(p.get("qty"), True)
+    price = _quick_decimal(p.get("price"), True)
+    if qty is None or price is None:
+        return None
+    params = new_order_validate(account, symbol, side, qty, price, reserve, coid)
+    return new_request(obj["id"], "order.validate", params)
+
+
+def _fast_position_update(frame: bytes | str, obj: dict[str, Any]) -> Request | None:
+    p = _flat_params(frame, obj)
+    if p is None:
+        return None
+    account = p.get("account")
+    symbol = p.get("symbol")
+    seq = p.get("seq")
+    release = p.get("release")
+    if (
+        len(p) != 4 + ("seq" in p) + ("release" in p)
+        or type(account) is not str
+        or name_match(account) is None
+        or type(symbol) is not str
+        or name_match(symbol) is None
+        or (seq is not None and (type(seq) is not int or seq < 0))
+        or (
+            release is not None
+            and (type(release) is not str or len(release) > 64 or not release.strip())
+        )
+    ):
+        return None
+    qty = _quick_decimal(p.get("qty"), False)
+    price = _quick_decimal(p.get("price"), True)
+    if qty is None or price is None:
+        return None
+    params = new_position_update(account, symbol, qty, price, seq, release)
+    return new_request(obj["id"], "position.update", params)
+
+
+_FAST_PATHS: dict[str, Callable[[bytes | str, dict[str, Any]], Request | None]] = {
+    "order.validate": _fast_order_validate,
+    "position.update": _fast_position_update,
+}
+
+
+def _read_json(frame: bytes | str) -> Any:
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        obj = _loads_out_of_range_numbers(frame)
+        if obj is _NOT_JSON:
+            raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+        return obj
+
+
 def decode(frame: bytes | str) -> Request:
     """Parse one frame into a ``Request``.
 
@@ -422,12 +561,17 @@ def decode(frame: bytes | str) -> Request:
     ``UNKNOWN_METHOD`` for a method the protocol does not have. The error's
     ``request_id`` is the frame's id when it was usable, else ``None``.
     """
-    try:
-        obj = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        obj = _loads_out_of_range_numbers(frame)
-        if obj is _NOT_JSON:
-            raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
+    obj = _read_json(frame)
+    if type(obj) is dict:
+        method = obj.get("method")
+        fast = _FAST_PATHS.get(method) if type(method) is str else None
+        if fast is not None and (request := fast(frame, obj)) is not None:
+            return request
+    return _decode_object(frame, obj)
+
+
+def _decode_object(frame: bytes | str, obj: Any) -> Request:
+    """The careful path of ``decode``, for the frame's parsed JSON ``obj``."""
     if not isinstance(obj, dict):
         raise bad_request(f"a request must be a JSON object, was {show(obj)}")
     duplicate = _duplicate_key_error(frame, obj)

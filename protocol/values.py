@@ -37,6 +37,10 @@ def exact() -> decimal.Context:
 MAX_DECIMAL_CHARS = 32
 _DECIMAL_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _NAME_RE = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+# The codec's fast path tests the common values with these same patterns, and
+# leaves any value that fails them to the parsers below (and their errors).
+name_match = _NAME_RE.fullmatch
+decimal_string_match = _DECIMAL_RE.fullmatch
 # Floats at or above 2**53 may not be what the sender wrote (orjson reads big
 # integers as floats), so they are refused rather than silently rounded.
 _FLOAT_EXACT_LIMIT = 2.0**53
