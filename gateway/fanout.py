@@ -382,10 +382,9 @@ class Outbox:
         transport is below its high-water mark (not paused). Otherwise nothing is
         written and False is returned: queue the frame instead. Writing straight
         to an idle connection costs one frame encoding and one ``transport.write``
-        (as ``websockets.broadcast`` does), where a writer task per push would cost
-        a task per subscriber: one emergency change to a thousand dashboards goes
-        out within the callback that made it. The transport's buffer counts in
-        ``queued_bytes``, so the eviction bound still applies to what is written.
+        (as ``websockets.broadcast`` does), where a writer task would cost a task
+        per frame. The transport's buffer counts in ``queued_bytes``, so the
+        eviction bound still applies to what is written.
         """
         if self._writer is not None or self._scheduled or self._closed:
             return False
