@@ -15,7 +15,7 @@ on different cores. Sections (docs/benchmarks.md says what each one means):
 4. ``scaling``: validation p50 with 10 open positions and with 100,000.
 5. ``fanout``: time from an ``emergency.set`` response to the last of 1,000
    subscribers' receipt, and validation p99 during a storm of emergency
-   changes against p99 without one.
+   changes (20 a second, and flat out) against p99 without one.
 6. ``recovery``: ``Store.open()`` of a state directory holding 1,000,000
    journal records, in a fresh process.
 7. ``memory``: gateway RSS per idle authenticated connection.
@@ -74,6 +74,10 @@ ORDER: Final = {"account": "A1", "symbol": "BTC-USD", "side": "buy", "qty": "1",
 # sell that strictly reduces the long position is accepted in both modes, so
 # the storm changes nothing but the load around the validation.
 REDUCING_ORDER: Final = {**ORDER, "side": "sell"}
+# Section 5's storm: emergency changes at this rate (one every 50 ms; an
+# operator changes modes a few times a day). The flat-out storm (each change
+# sent as soon as the previous one is answered) is measured as well.
+STORM_CHANGES_PER_S: Final = 20.0
 
 CONFIG: Final = """\
 [server]
@@ -823,20 +827,20 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
             f"  last subscriber {median(after_response):.1f} ms after the response "
             f"({median(after_request):.1f} ms after the request)"
         )
-        # 2. Validation p99 without, then during, a storm of emergency changes.
+        # 2. Validation p99 without, then during, a paced storm and a flat-out
+        # storm of emergency changes.
         quiet: list[float] = []
         storm: list[float] = []
+        flat_out: list[float] = []
         changes_per_s: list[float] = []
+        flat_out_per_s: list[float] = []
         failures = 0
         await validator.round_trips(validator.frames("order.validate", REDUCING_ORDER, 200))
-        for _ in range(sizes.repeats):
-            frames = validator.frames("order.validate", REDUCING_ORDER, sizes.storm_n)
-            with no_gc():
-                samples, failed = await validator.round_trips(frames)
-            failures += failed
-            quiet.append(latency_summary(samples)["p99"])
+
+        async def during(rate: float | None) -> tuple[float, float]:
+            nonlocal failures
             stop = asyncio.Event()
-            toggler = asyncio.create_task(_storm(admin, stop))
+            toggler = asyncio.create_task(_storm(admin, stop, rate))
             await asyncio.sleep(0.05)
             frames = validator.frames("order.validate", REDUCING_ORDER, sizes.storm_n)
             started_s = time.perf_counter()
@@ -844,14 +848,27 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
                 samples, failed = await validator.round_trips(frames)
             stop.set()
             toggled = await toggler
-            changes_per_s.append(toggled / (time.perf_counter() - started_s))
             failures += failed
-            storm.append(latency_summary(samples)["p99"])
+            await asyncio.sleep(0.5)
+            return latency_summary(samples)["p99"], toggled / (time.perf_counter() - started_s)
+
+        for _ in range(sizes.repeats):
+            frames = validator.frames("order.validate", REDUCING_ORDER, sizes.storm_n)
+            with no_gc():
+                samples, failed = await validator.round_trips(frames)
+            failures += failed
+            quiet.append(latency_summary(samples)["p99"])
+            p99, rate = await during(STORM_CHANGES_PER_S)
+            storm.append(p99)
+            changes_per_s.append(rate)
+            p99, rate = await during(None)
+            flat_out.append(p99)
+            flat_out_per_s.append(rate)
             bench.progress(
                 f"  p99 quiet {quiet[-1]:.0f} us, during {changes_per_s[-1]:.0f} "
-                f"changes/s {storm[-1]:.0f} us"
+                f"changes/s {storm[-1]:.0f} us, flat out ({flat_out_per_s[-1]:.0f} "
+                f"changes/s) {flat_out[-1]:.0f} us"
             )
-            await asyncio.sleep(0.5)
     finally:
         for group in groups:
             await group.stop()
@@ -870,17 +887,27 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
         "p99_us_storm": median(storm),
         "ratio": median([s / q for s, q in zip(storm, quiet, strict=True)]),
         "storm_changes_per_s": median(changes_per_s),
+        "p99_us_flat_out": median(flat_out),
+        "ratio_flat_out": median([s / q for s, q in zip(flat_out, quiet, strict=True)]),
+        "flat_out_changes_per_s": median(flat_out_per_s),
         "failures": failures,
     }
 
 
-async def _storm(admin: Conn, stop: asyncio.Event) -> int:
-    """Toggle reducing/normal as fast as acknowledged; the number of changes."""
+async def _storm(admin: Conn, stop: asyncio.Event, rate: float | None) -> int:
+    """Toggle reducing/normal ``rate`` times a second (None: each change as soon
+    as the previous one is answered); the number of changes."""
+    loop = asyncio.get_running_loop()
     changes = 0
+    due = loop.time()
     while not stop.is_set():
         mode = "reducing" if changes % 2 == 0 else "normal"
         await admin.ok("emergency.set", {"mode": mode, "reason": "bench storm"})
         changes += 1
+        if rate is not None:
+            due += 1 / rate
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
     if changes % 2:
         await admin.ok("emergency.set", {"mode": "normal", "reason": "bench storm"})
     return changes
@@ -1165,6 +1192,18 @@ def table_rows(report: dict[str, Any]) -> list[Row]:
                 *verdict("validation p99 storm/quiet"),
             )
         )
+        if "p99_us_flat_out" in fanout:
+            rows.append(
+                (
+                    "5. validate p99, us, during a flat-out storm of "
+                    f"{fanout['flat_out_changes_per_s']:.0f} changes/s (vs none)",
+                    _num(fanout["p99_us_flat_out"]),
+                    _num(fanout["p99_us_quiet"]),
+                    f"{fanout['ratio_flat_out']:.2f}x",
+                    "",
+                    "",
+                )
+            )
     if "recovery" in report:
         recovery = report["recovery"]
         rows.append(
