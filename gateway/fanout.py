@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,7 +65,6 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from gateway.auth import Principal
@@ -82,7 +82,7 @@ from protocol.errors import ProtocolError, bad_request
 from protocol.messages import Subscribe, Unsubscribe
 from protocol.values import format_decimal, format_time_ms
 
-__all__ = ["SEQ_CHANNELS", "Fanout", "Flusher", "Outbox", "Subscriber"]
+__all__ = ["SEQ_CHANNELS", "Fanout", "Flusher", "Outbox", "Subscriber", "text_frame"]
 
 log = logging.getLogger("gateway.fanout")
 
@@ -200,9 +200,29 @@ class Flusher:
             return entry[1]
         if len(wires) >= self.MAX_FRAMED:
             wires.clear()
-        wire = Frame(Opcode.TEXT, frame).serialize(mask=False, extensions=[])
+        wire = text_frame(frame)
         wires[id(frame)] = (frame, wire)
         return wire
+
+
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one final, unmasked WebSocket text frame (RFC 6455 5.2).
+
+    What websockets' ``Frame(Opcode.TEXT, payload).serialize(mask=False,
+    extensions=[])`` returns (a test holds the two equal at every length
+    boundary), in a tenth of the time: the flusher frames every answer it
+    writes, not only broadcasts.
+    """
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return _HEADER_16.pack(0x81, 126, length) + payload
+    return _HEADER_64.pack(0x81, 127, length) + payload
 
 
 class Outbox:

@@ -16,11 +16,12 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from gateway import fanout as fanout_module
 from gateway.auth import Principal
-from gateway.fanout import Fanout, Flusher, Outbox
+from gateway.fanout import Fanout, Flusher, Outbox, text_frame
 from gateway.manager import (
     AlertRaised,
     DecisionMade,
@@ -260,17 +261,24 @@ async def test_add_when_authenticated_then_emergency_snapshot_with_current_seq()
     assert snapshot["data"] == fanout.manager.emergency_view()
 
 
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_when_any_length_then_same_bytes_as_websockets(length: int) -> None:
+    payload = bytes(random.Random(length).randrange(32, 127) for _ in range(length))
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert text_frame(payload) == expected
+
+
 async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     framed: list[bytes] = []
-    real_frame = fanout_module.Frame
+    real_text_frame = fanout_module.text_frame
 
-    def counting_frame(opcode: Any, data: bytes) -> Any:
+    def counting_frame(data: bytes) -> bytes:
         framed.append(data)
-        return real_frame(opcode, data)
+        return real_text_frame(data)
 
-    monkeypatch.setattr(fanout_module, "Frame", counting_frame)
+    monkeypatch.setattr(fanout_module, "text_frame", counting_frame)
     fanout = make_fanout()
     first, second = make_sub(ADMIN), make_sub(VIEWER)
     for sub in (first, second):
