@@ -770,6 +770,18 @@ class RecordingOps(FileOps):
         with self.lock:
             self.events.append(("ack", 0, seq))
 
+    def assert_no_ack_before_its_fsync(self) -> None:
+        """Every acked seq was written, then covered by an fdatasync, before its ack."""
+        written: dict[int, int] = {}
+        synced = 0
+        for kind, fd, seq in self.events:
+            if kind == "write":
+                written[fd] = max(written.get(fd, 0), seq)
+            elif kind == "fdatasync":
+                synced = max(synced, written.get(fd, 0))
+            else:
+                assert seq <= synced, f"seq {seq} acknowledged before an fdatasync covered it"
+
 
 async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_no_early_ack(
     tmp_path: Path,
@@ -793,15 +805,7 @@ async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_n
     acks = [seq for kind, _fd, seq in ops.events if kind == "ack"]
     assert sorted(acks) == list(range(1, 601))
     assert fsyncs < 600 / 10, fsyncs
-    written: dict[int, int] = {}
-    synced = 0
-    for kind, fd, seq in ops.events:
-        if kind == "write":
-            written[fd] = max(written.get(fd, 0), seq)
-        elif kind == "fdatasync":
-            synced = max(synced, written.get(fd, 0))
-        else:
-            assert seq <= synced, f"seq {seq} acknowledged before an fdatasync covered it"
+    ops.assert_no_ack_before_its_fsync()
     assert journal.stats["records_written"] == 600
     assert journal.stats["fsyncs"] < 60
 
@@ -835,15 +839,7 @@ async def test_when_durable_when_many_callbacks_then_each_called_once_after_its_
 
     assert sorted(seq for seq, _e in answered) == list(range(1, 301))
     assert all(error is None for _s, error in answered)
-    written: dict[int, int] = {}
-    synced = 0
-    for kind, fd, seq in ops.events:
-        if kind == "write":
-            written[fd] = max(written.get(fd, 0), seq)
-        elif kind == "fdatasync":
-            synced = max(synced, written.get(fd, 0))
-        else:
-            assert seq <= synced, f"seq {seq} answered before an fdatasync covered it"
+    ops.assert_no_ack_before_its_fsync()
     # Already durable: answered at once.
     late: list[PersistenceError | None] = []
     journal.when_durable(300, late.append)
