@@ -544,8 +544,10 @@ class Gateway:
     def _dispatch(
         self, session: Session, request: Request
     ) -> bytes | _Durable | Awaitable[dict[str, Any]]:
-        """Run one request. Returns the response bytes, or an awaitable result
-        when the answer must wait for durability."""
+        """Run one request. Returns the response bytes; ``_Durable`` when the
+        answer must wait for its journal records (answered by a journal
+        callback); or an awaitable result for the admin changes, which wait
+        for their fsync and the fan-out in a task."""
         params = request.params
         method = request.method
         principal = session.principal
