@@ -832,12 +832,14 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
         quiet: list[float] = []
         storm: list[float] = []
         flat_out: list[float] = []
+        quiet_p50: list[float] = []
+        storm_p50: list[float] = []
         changes_per_s: list[float] = []
         flat_out_per_s: list[float] = []
         failures = 0
         await validator.round_trips(validator.frames("order.validate", REDUCING_ORDER, 200))
 
-        async def during(rate: float | None) -> tuple[float, float]:
+        async def during(rate: float | None) -> tuple[dict[str, float], float]:
             nonlocal failures
             stop = asyncio.Event()
             toggler = asyncio.create_task(_storm(admin, stop, rate))
@@ -850,19 +852,22 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
             toggled = await toggler
             failures += failed
             await asyncio.sleep(0.5)
-            return latency_summary(samples)["p99"], toggled / (time.perf_counter() - started_s)
+            return latency_summary(samples), toggled / (time.perf_counter() - started_s)
 
         for _ in range(sizes.repeats):
             frames = validator.frames("order.validate", REDUCING_ORDER, sizes.storm_n)
             with no_gc():
                 samples, failed = await validator.round_trips(frames)
             failures += failed
-            quiet.append(latency_summary(samples)["p99"])
-            p99, rate = await during(STORM_CHANGES_PER_S)
-            storm.append(p99)
+            summary = latency_summary(samples)
+            quiet.append(summary["p99"])
+            quiet_p50.append(summary["p50"])
+            summary, rate = await during(STORM_CHANGES_PER_S)
+            storm.append(summary["p99"])
+            storm_p50.append(summary["p50"])
             changes_per_s.append(rate)
-            p99, rate = await during(None)
-            flat_out.append(p99)
+            summary, rate = await during(None)
+            flat_out.append(summary["p99"])
             flat_out_per_s.append(rate)
             bench.progress(
                 f"  p99 quiet {quiet[-1]:.0f} us, during {changes_per_s[-1]:.0f} "
@@ -883,6 +888,8 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
         "missing_receipts": missing,
         "n": sizes.storm_n,
         "repeats": sizes.repeats,
+        "p50_us_quiet": median(quiet_p50),
+        "p50_us_storm": median(storm_p50),
         "p99_us_quiet": median(quiet),
         "p99_us_storm": median(storm),
         "ratio": median([s / q for s, q in zip(storm, quiet, strict=True)]),
@@ -1192,6 +1199,17 @@ def table_rows(report: dict[str, Any]) -> list[Row]:
                 *verdict("validation p99 storm/quiet"),
             )
         )
+        if "p50_us_storm" in fanout:
+            rows.append(
+                (
+                    "5. validate p50, us, during the same storm (vs none)",
+                    _num(fanout["p50_us_storm"]),
+                    _num(fanout["p50_us_quiet"]),
+                    f"{fanout['p50_us_storm'] / fanout['p50_us_quiet']:.2f}x",
+                    "",
+                    "",
+                )
+            )
         if "p99_us_flat_out" in fanout:
             rows.append(
                 (

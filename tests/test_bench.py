@@ -35,6 +35,8 @@ POSITIVE: dict[str, tuple[str, ...]] = {
     "fanout": (
         "subscribers",
         "last_receipt_after_request_ms",
+        "p50_us_quiet",
+        "p50_us_storm",
         "p99_us_quiet",
         "p99_us_storm",
         "ratio",
