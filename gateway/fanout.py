@@ -124,7 +124,7 @@ class Flusher:
     connection, so each gets one ``transport.write`` of the framed bytes.
     """
 
-    __slots__ = ("_due", "_loop", "_scheduled", "_wires", "per_turn")
+    __slots__ = ("_answers", "_due", "_loop", "_scheduled", "_wires", "per_turn")
 
     #: Framed frames kept at most; beyond that the cache starts again.
     MAX_FRAMED = 4096
@@ -133,6 +133,9 @@ class Flusher:
         self.per_turn = per_turn
         # Outboxes to flush, and barriers (futures) to resolve when reached.
         self._due: deque[Outbox | asyncio.Future[None]] = deque()
+        # Outboxes holding answers: all flushed first in every run, so an
+        # answer never waits behind a broadcast's slices.
+        self._answers: deque[Outbox] = deque()
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # id(frame) -> (frame, framed bytes), for the frames of the broadcasts
@@ -145,8 +148,8 @@ class Flusher:
         """Outboxes waiting for their slice."""
         return sum(1 for entry in self._due if type(entry) is not asyncio.Future)
 
-    def schedule(self, outbox: Outbox) -> None:
-        self._due.append(outbox)
+    def schedule(self, outbox: Outbox, *, answer: bool = False) -> None:
+        (self._answers if answer else self._due).append(outbox)
         if not self._scheduled:
             self._start()
 
@@ -175,6 +178,9 @@ class Flusher:
         the I/O that became ready meanwhile.
         """
         self._scheduled = False
+        answers = self._answers
+        while answers:
+            answers.popleft().flush()
         due = self._due
         left = self.per_turn
         while due and left:
@@ -242,6 +248,7 @@ class Outbox:
         "_queue",
         "_queued",
         "_scheduled",
+        "_urgent",
         "_writer",
         "evicted",
         "eviction_queued_bytes",
@@ -271,6 +278,7 @@ class Outbox:
         # Broadcast pushes wait for the flusher's slice when one is given.
         self._flusher = flusher
         self._scheduled = False
+        self._urgent = False  # scheduled with the flusher's answers
         self._closed = False
 
     def add_evict_callback(self, callback: Callable[[Outbox], None]) -> None:
@@ -304,6 +312,7 @@ class Outbox:
         priority: bool = False,
         droppable: bool = False,
         defer: bool = False,
+        answer: bool = False,
     ) -> bool:
         """Queue one JSON text frame; False if the connection is evicted or closed.
 
@@ -319,7 +328,8 @@ class Outbox:
         ``defer``: queue the frame for the flusher's next slice (see ``Flusher``)
         instead of writing it at once: for a push to many connections, and for
         answers that come in bunches (the outbox's queued frames go out in one
-        write).
+        write). ``answer``: the frame answers a request; a deferred answer is
+        flushed ahead of the broadcasts' slices.
         """
         if self._closed:
             return False
@@ -337,13 +347,25 @@ class Outbox:
             return True
         self._queue.append((frame, droppable))
         self._queued += size
-        if self._writer is None and not self._scheduled:
-            if flusher is not None:
+        if self._writer is None:
+            if flusher is None:
+                if not self._scheduled:
+                    self._start_writer()
+            elif answer and not self._urgent:
+                # Flushed with the answers, even when already waiting for a
+                # broadcast's slice (which then finds nothing left).
+                self._urgent = self._scheduled = True
+                flusher.schedule(self, answer=True)
+            elif not self._scheduled:
                 self._scheduled = True
                 flusher.schedule(self)
-            else:
-                self._start_writer()
         return True
+
+    def flush_now(self) -> None:
+        """Write what waits for the flusher at once (before a close, or when a
+        burst of answers grows large); nothing if a writer task has it."""
+        if self._scheduled:
+            self.flush()
 
     def flush(self) -> None:
         """Write what is queued (the flusher's call); a writer takes over any rest.
@@ -353,7 +375,7 @@ class Outbox:
         (a connection falling behind) is left to a writer task, which waits for
         the drain.
         """
-        self._scheduled = False
+        self._scheduled = self._urgent = False
         if self._closed or not self._queue:
             return
         ws = self.ws
@@ -432,7 +454,7 @@ class Outbox:
     def _discard(self) -> None:
         self._queue.clear()
         self._queued = 0
-        self._scheduled = False  # a pending flush finds the outbox closed
+        self._scheduled = self._urgent = False  # a pending flush finds it closed
         writer, self._writer = self._writer, None
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()

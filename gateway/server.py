@@ -107,6 +107,10 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: Answers held for one write while a burst of requests is handled, at most.
+ANSWER_BATCH_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class _Durable:
     """A request's answer, to be sent once journal record ``seq`` is durable."""
@@ -131,20 +135,29 @@ class Session:
     pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def send(self, frame: bytes) -> None:
-        """Send a response, keeping order behind any queued pushes."""
+        """Send a response, keeping order behind any queued pushes.
+
+        While more requests were read already, answers wait to go out
+        together in one write, up to ``ANSWER_BATCH_BYTES``; then they are
+        written, and reading waits while the transport is over its high-water
+        mark, so a client pipelining a large burst is slowed down, never
+        taken for a slow consumer.
+        """
         outbox = self.outbox
         ws = self.ws
-        if outbox.busy:
-            outbox.push(frame)
-        elif len(ws.recv_messages.frames):
-            # More requests were read already: their answers go out together,
-            # in one write, once this burst has been handled.
-            outbox.push(frame, defer=True)
+        if outbox.busy or len(ws.recv_messages.frames):
+            outbox.push(frame, defer=True, answer=True)
+            if outbox.queued_bytes >= ANSWER_BATCH_BYTES:
+                outbox.flush_now()
         elif not outbox.write_now(frame):
             await ws.send(frame, text=True)
             return
-        if ws.paused:  # over the high-water mark: stop reading until it drains
-            await ws.drain()
+        await self.drained()
+
+    async def drained(self) -> None:
+        """Wait while the transport is over its high-water mark (stop reading)."""
+        if self.ws.paused:
+            await self.ws.drain()
 
 
 class Gateway:
@@ -448,6 +461,7 @@ class Gateway:
                         session.principal.name if session.principal else session.peer,
                         limit,
                     )
+                    session.outbox.flush_now()  # the answers before the close
                     await _close(ws, CloseCode.TOO_MANY_MESSAGES, "too many messages")
                     return
                 metrics.count_request("?", ErrorCode.RATE_LIMITED.value)
@@ -481,8 +495,10 @@ class Gateway:
                 if outcome:  # empty: the answer was already queued in order
                     await session.send(outcome)
             elif isinstance(outcome, _Durable):
-                # Answered by the journal's callback once durable; keep reading.
+                # Answered by the journal's callback once durable; keep reading,
+                # unless the answers already out wait for the client to read.
                 self._when_durable(session, request, outcome)
+                await session.drained()
             else:
                 # Answered from a task once durable; keep reading meanwhile.
                 task = asyncio.create_task(self._answer_later(session, request, outcome))
@@ -493,6 +509,7 @@ class Gateway:
             log.debug("connection %d: %s refused, %s", session.conn_id, method, exc.code.value)
             await session.send(codec.encode_error(request.id, exc.code, exc.message))
             if exc.code is ErrorCode.UNAUTHENTICATED and method == "session.auth":
+                session.outbox.flush_now()  # the UNAUTHENTICATED answer first
                 await _close(session.ws, CloseCode.AUTH_FAILED, "authentication failed")
         except Exception:
             log.exception("internal error in %s", method)
@@ -515,7 +532,7 @@ class Gateway:
                 frame = codec.encode_error(request_id, ErrorCode.UNAVAILABLE, _unavailable(error))
             # Queued behind any pushes, and written with the other answers the
             # same fsync released; a closed connection drops it.
-            session.outbox.push(frame, defer=True)
+            session.outbox.push(frame, defer=True, answer=True)
 
         assert self.store is not None and self.store.journal is not None
         self.store.journal.when_durable(outcome.seq, answer)

@@ -771,6 +771,26 @@ async def test_flusher_when_response_pushed_behind_pending_broadcast_then_after_
     assert not sub.outbox.busy
 
 
+async def test_flusher_when_answer_deferred_during_broadcast_then_written_ahead_of_slices() -> None:
+    fanout = make_fanout()
+    fanout.flusher.per_turn = 4
+    subs = [make_sub(flusher=fanout.flusher) for _ in range(40)]
+    for sub in subs:
+        fanout.add(sub)  # type: ignore[arg-type]
+    await settle()
+    fanout.publish([emergency(1)])
+    last = subs[-1]
+    assert last.outbox.push(encode_ok(9, {"ok": True}), defer=True, answer=True)
+    await asyncio.sleep(0)  # one flusher run
+    # The answer went out in the first run, after the push queued before it;
+    # most other subscribers still wait for their slice.
+    assert [m.get("seq", m.get("id")) for m in last.messages()] == [0, 1, 9]
+    waiting = [sub for sub in subs if len(sub.pushes(Channel.EMERGENCY)) == 1]
+    assert len(waiting) == 40 - 1 - 4
+    await settle()
+    assert all(seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1] for sub in subs)
+
+
 async def test_flusher_when_transport_paused_midway_then_writer_sends_the_rest() -> None:
     fanout = make_fanout()
     ws = FakeWs(reading=False)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from protocol.messages import PositionEntry, PositionSnapshot
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
 from tests.wsclient import TestClient
 
@@ -314,3 +317,59 @@ async def test_state_when_account_only_validated_then_absent_until_it_holds_some
     await trader.ok("reservation.release", {"reservation_id": decision["reservation_id"]})
     shown = (await trader.ok("state.get"))["accounts"]["A2"]
     assert shown["gross_exposure"] == "0"
+
+
+# ------------------------------------------------------- pipelined bursts
+
+
+async def test_pipelined_burst_when_client_reads_then_every_answer_and_no_eviction(
+    gw: RunningGateway,
+) -> None:
+    # Eight state.get in one write, each answer about 150 KB: 1.2 MB in all,
+    # more than max_queued_bytes (1 MiB). Answers held for one write must not
+    # count the client as a slow consumer while it reads.
+    manager = gw.gateway.manager
+    for a in range(4):
+        entries = tuple(
+            PositionEntry(symbol=f"SYMBOL-{i:05d}", qty=Decimal(1), price=Decimal(1))
+            for i in range(1000)
+        )
+        manager.snapshot_positions(PositionSnapshot(account=f"ACC{a}", positions=entries))
+    gw.gateway._commit()
+    gw.gateway._publish()
+    ws = await connect(
+        gw.url, additional_headers={"Authorization": f"Bearer {ADMIN}"}, max_size=None
+    )
+    await ws.recv()  # the emergency snapshot
+    for i in range(8):
+        ws.protocol.send_text(orjson.dumps({"id": i, "method": "state.get"}))
+    ws.send_data()
+    answers: list[dict[str, Any]] = []
+    while len(answers) < 8:
+        message = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+        if "id" in message:
+            answers.append(message)
+    assert [m["id"] for m in answers] == list(range(8))
+    assert all(len(m["result"]["accounts"]) == 4 for m in answers)
+    assert gw.gateway.fanout.evictions == 0
+    await ws.close()
+
+
+async def test_session_auth_when_wrong_and_more_frames_behind_then_answer_before_4001(
+    gw: RunningGateway,
+) -> None:
+    ws = await connect(gw.url)
+    # Two frames in one write: the answer to the first is held for the burst
+    # and must still go out before the close.
+    ws.protocol.send_text(
+        orjson.dumps({"id": 1, "method": "session.auth", "params": {"token": "no"}})
+    )
+    ws.protocol.send_text(orjson.dumps({"id": 2, "method": "ping"}))
+    ws.send_data()
+    received = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            received.append(orjson.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert [m["id"] for m in received] == [1]
+    assert received[0]["error"]["code"] == "UNAUTHENTICATED"
+    assert ws.close_code == 4001
