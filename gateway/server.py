@@ -593,8 +593,13 @@ class Gateway:
                 )
             seq = self._commit()
             self._publish()
-            if params.reserve and decision["reservation_id"] is not None and seq:
-                return _Durable(seq, decision)
+            if params.reserve and decision["reservation_id"] is not None:
+                # A repeat of a client_order_id writes no record, but answers
+                # with a reservation whose own record may not be durable yet:
+                # wait for everything appended so far.
+                seq = seq or self._last_seq()
+                if seq:
+                    return _Durable(seq, decision)
             return codec.encode_ok(request.id, decision)
         if method == "session.auth":
             assert isinstance(params, SessionAuth)
@@ -818,6 +823,12 @@ class Gateway:
             self.manager.drain_records()
             return 0
         return self.store.commit()
+
+    def _last_seq(self) -> int:
+        """Seq of the last journal record appended (0 without a journal)."""
+        if self.store is None or self.store.journal is None or self.store.failed is not None:
+            return 0
+        return self.store.journal.last_seq
 
     def _append(self, record: dict[str, Any]) -> int:
         if self.store is None or self.store.journal is None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import orjson
+import pytest
+
+from gateway import journal as journal_module
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
 
 BUY = {"account": "A1", "symbol": "X", "side": "buy", "qty": "1", "price": "100"}
@@ -181,3 +186,43 @@ async def test_position_seq_gap_then_stale_until_snapshot(gw: RunningGateway) ->
     )
     assert snap["exposure"] == "100"
     assert (await trader.ok("order.validate", BUY))["decision"] == "accept"
+
+
+async def test_repeat_of_client_order_id_when_first_not_yet_fsynced_then_answered_after_it(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A repeat writes no record of its own, but its answer names the first
+    # reservation: it must not go out before that reservation is durable.
+    gate = threading.Event()
+    real_fdatasync = journal_module.FileOps.fdatasync
+
+    def gated_fdatasync(self: journal_module.FileOps, fd: int) -> None:
+        gate.wait(10)
+        real_fdatasync(self, fd)
+
+    client = await gw.client(ADMIN)
+    monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    params = {
+        "account": "A1",
+        "symbol": "BTC-USD",
+        "side": "buy",
+        "qty": "1",
+        "price": "100",
+        "reserve": True,
+        "client_order_id": "X1",
+    }
+    frames = [
+        {"id": 101, "method": "order.validate", "params": params},
+        {"id": 102, "method": "order.validate", "params": params},  # the repeat
+        {"id": 103, "method": "ping"},
+    ]
+    for frame in frames:
+        await client.ws.send(orjson.dumps(frame), text=True)
+    # Answers to a connection go out in order: with the fsync held, the ping
+    # is answered, the repeat is not.
+    assert (await asyncio.wait_for(client.unmatched.get(), 10))["id"] == 103
+    assert client.unmatched.empty()
+    gate.set()
+    answers = [await asyncio.wait_for(client.unmatched.get(), 10) for _ in range(2)]
+    assert sorted(a["id"] for a in answers) == [101, 102]
+    assert len({a["result"]["reservation_id"] for a in answers}) == 1
