@@ -35,7 +35,7 @@ from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
-from gateway.manager import EmergencyChanged, EmergencyManager
+from gateway.manager import EmergencyChanged, EmergencyManager, Event
 from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
@@ -184,6 +184,10 @@ class Gateway:
         self._next_conn = 1
         self._preauth: dict[ServerConnection, Principal] = {}
         self._admin_lock = asyncio.Lock()
+        # Events held back until a change the gateway made itself is fsynced
+        # (see _publish), and the task that releases them.
+        self._held: list[Event] | None = None
+        self._holding: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
@@ -734,7 +738,7 @@ class Gateway:
                 await self._synced(seq)
                 manager.apply_committed(record)
                 events = manager.drain_events()
-            self.fanout.publish(events)
+            self._publish_events(events)
             view = manager.emergency_view()
             # Answer once every subscriber that keeps up has been handed the
             # push (written in slices between other requests): the admin's
@@ -840,10 +844,19 @@ class Gateway:
             await self.store.synced(seq)
 
     def _publish(self) -> None:
+        """Hand the manager's events to the fan-out.
+
+        An emergency change the gateway made itself (its own reducing or
+        halted, from a request's side effects) is pushed only once its record
+        is fsynced, like an admin's: these events, and any published after
+        them, are held until then, so the order of the pushes is kept.
+        """
         events = self.manager.drain_events()
         if events:
+            own_change = False
             for event in events:
                 if type(event) is EmergencyChanged:  # the gateway's own (admins' are logged)
+                    own_change = True
                     view = event.view
                     log.warning(
                         "emergency change by %s: gateway %s (%s), version %d",
@@ -852,7 +865,31 @@ class Gateway:
                         view["reason"],
                         view["version"],
                     )
+            seq = self._last_seq() if own_change and self._held is None else 0
+            journal = self.store.journal if self.store is not None else None
+            if seq and journal is not None and journal.synced_seq < seq:
+                self._held = []
+                task = asyncio.get_running_loop().create_task(self._release_held(seq))
+                self._holding.add(task)
+                task.add_done_callback(self._holding.discard)
+            self._publish_events(events)
+
+    def _publish_events(self, events: list[Event]) -> None:
+        if self._held is not None:
+            self._held.extend(events)
+        else:
             self.fanout.publish(events)
+
+    async def _release_held(self, seq: int) -> None:
+        try:
+            await self._synced(seq)
+        except Exception:
+            # A failed journal halts the gateway; what was held is pushed anyway.
+            log.debug("held events released after a persistence failure")
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self.fanout.publish(held)
 
 
 def _forbidden(principal: Principal, method: str) -> ProtocolError:

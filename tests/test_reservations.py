@@ -226,3 +226,37 @@ async def test_repeat_of_client_order_id_when_first_not_yet_fsynced_then_answere
     answers = [await asyncio.wait_for(client.unmatched.get(), 10) for _ in range(2)]
     assert sorted(a["id"] for a in answers) == [101, 102]
     assert len({a["result"]["reservation_id"] for a in answers}) == 1
+
+
+async def test_gateway_own_emergency_change_when_not_yet_fsynced_then_not_pushed(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A position update over max_exposure switches the gateway to reducing by
+    # itself; like an admin's change, the push must wait for its fsync.
+    gw = await make_gateway(limits={"max_exposure": "1000", "auto_reduce_on_breach": True})
+    client = await gw.client(ADMIN)  # has taken the emergency snapshot
+    gate = threading.Event()
+    real_fdatasync = journal_module.FileOps.fdatasync
+
+    def gated_fdatasync(self: journal_module.FileOps, fd: int) -> None:
+        gate.wait(10)
+        real_fdatasync(self, fd)
+
+    monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    update = {"account": "A1", "symbol": "BTC-USD", "qty": "1", "price": "5000"}
+    frames = [
+        {"id": 201, "method": "position.update", "params": update},
+        {"id": 202, "method": "ping"},
+    ]
+    for frame in frames:
+        await client.ws.send(orjson.dumps(frame), text=True)
+    # Pushes and answers go out in order: once the ping is answered, a push
+    # made at the update would already be here.
+    assert (await asyncio.wait_for(client.unmatched.get(), 10))["id"] == 202
+    assert client.channel("emergency").empty()
+    assert gw.gateway.manager.gateway_mode.mode.value == "reducing"  # in effect already
+    gate.set()
+    push = await client.next_push("emergency", timeout=10)
+    assert push["data"]["mode"] == "reducing"
+    assert push["data"]["actor"] == "gateway"
+    assert (await asyncio.wait_for(client.unmatched.get(), 10))["id"] == 201
