@@ -188,11 +188,8 @@ async def test_position_seq_gap_then_stale_until_snapshot(gw: RunningGateway) ->
     assert (await trader.ok("order.validate", BUY))["decision"] == "accept"
 
 
-async def test_repeat_of_client_order_id_when_first_not_yet_fsynced_then_answered_after_it(
-    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A repeat writes no record of its own, but its answer names the first
-    # reservation: it must not go out before that reservation is durable.
+def hold_fsyncs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """From now on every journal fdatasync waits until the returned event is set."""
     gate = threading.Event()
     real_fdatasync = journal_module.FileOps.fdatasync
 
@@ -200,8 +197,17 @@ async def test_repeat_of_client_order_id_when_first_not_yet_fsynced_then_answere
         gate.wait(10)
         real_fdatasync(self, fd)
 
-    client = await gw.client(ADMIN)
     monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    return gate
+
+
+async def test_repeat_of_client_order_id_when_first_not_yet_fsynced_then_answered_after_it(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A repeat writes no record of its own, but its answer names the first
+    # reservation: it must not go out before that reservation is durable.
+    client = await gw.client(ADMIN)
+    gate = hold_fsyncs(monkeypatch)
     params = {
         "account": "A1",
         "symbol": "BTC-USD",
@@ -235,14 +241,7 @@ async def test_gateway_own_emergency_change_when_not_yet_fsynced_then_not_pushed
     # itself; like an admin's change, the push must wait for its fsync.
     gw = await make_gateway(limits={"max_exposure": "1000", "auto_reduce_on_breach": True})
     client = await gw.client(ADMIN)  # has taken the emergency snapshot
-    gate = threading.Event()
-    real_fdatasync = journal_module.FileOps.fdatasync
-
-    def gated_fdatasync(self: journal_module.FileOps, fd: int) -> None:
-        gate.wait(10)
-        real_fdatasync(self, fd)
-
-    monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    gate = hold_fsyncs(monkeypatch)
     update = {"account": "A1", "symbol": "BTC-USD", "qty": "1", "price": "5000"}
     frames = [
         {"id": 201, "method": "position.update", "params": update},
