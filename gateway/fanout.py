@@ -232,11 +232,12 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class Outbox:
-    """Per-connection output: straight to the transport, or a queue drained by a writer.
+    """Per-connection output: straight to the transport, or queued for the flusher.
 
     ``push`` never blocks: it writes the frame at once when the connection is
-    idle (see ``write_now``), else queues it and starts the writer if none is
-    running (only a connection that falls behind costs a task). Frames go out
+    idle (see ``write_now``), else queues it for the gateway's ``Flusher``
+    (always for ``defer``); a connection that falls behind gets a writer task
+    that waits for its socket (only such a connection costs a task). Frames go out
     in push order; the output is bounded in bytes. Once the connection is
     evicted or ``close`` was called, ``push`` returns False and sends nothing.
     """
@@ -262,7 +263,7 @@ class Outbox:
         *,
         max_queued_bytes: int,
         on_evict: Callable[[Outbox], None],
-        flusher: Flusher | None = None,
+        flusher: Flusher,
     ) -> None:
         self.ws = ws
         self.max_queued_bytes = max_queued_bytes
@@ -275,7 +276,7 @@ class Outbox:
         self._queue: deque[tuple[bytes, bool]] = deque()
         self._queued = 0
         self._writer: asyncio.Task[None] | None = None
-        # Broadcast pushes wait for the flusher's slice when one is given.
+        # Writes deferred pushes, a slice of connections at a time.
         self._flusher = flusher
         self._scheduled = False
         self._urgent = False  # scheduled with the flusher's answers
@@ -342,23 +343,19 @@ class Outbox:
             if queued and queued + size > self.max_queued_bytes:
                 self._evict(queued)
                 return False
-        flusher = self._flusher
-        if not (defer and flusher is not None) and self.write_now(frame):
+        if not defer and self.write_now(frame):
             return True
         self._queue.append((frame, droppable))
         self._queued += size
-        if self._writer is None:
-            if flusher is None:
-                if not self._scheduled:
-                    self._start_writer()
-            elif answer and not self._urgent:
+        if self._writer is None:  # else the writer sends it after the rest
+            if answer and not self._urgent:
                 # Flushed with the answers, even when already waiting for a
                 # broadcast's slice (which then finds nothing left).
                 self._urgent = self._scheduled = True
-                flusher.schedule(self, answer=True)
+                self._flusher.schedule(self, answer=True)
             elif not self._scheduled:
                 self._scheduled = True
-                flusher.schedule(self)
+                self._flusher.schedule(self)
         return True
 
     def flush_now(self) -> None:
@@ -381,7 +378,6 @@ class Outbox:
         ws = self.ws
         queue = self._queue
         flusher = self._flusher
-        assert flusher is not None
         protocol = ws.protocol
         if (
             ws.paused

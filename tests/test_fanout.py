@@ -849,7 +849,7 @@ async def test_outbox_when_connection_not_open_then_frame_left_to_writer() -> No
     sub = make_sub(ws=ws)
     assert sub.outbox.push(b"1")
     assert ws.sent == []  # not written under a closing protocol
-    assert sub.outbox.busy  # the writer's send reports the closed connection
+    assert sub.outbox.busy  # queued: the flusher hands it to a writer, whose send fails
     sub.outbox.close()
 
 
