@@ -143,16 +143,23 @@ class Session:
         mark, so a client pipelining a large burst is slowed down, never
         taken for a slow consumer.
         """
+        if not self.answer(frame):
+            await self.ws.send(frame, text=True)
+            return
+        await self.drained()
+
+    def answer(self, frame: bytes) -> bool:
+        """The part of ``send`` that never waits: True when ``frame`` was
+        written, or queued in order behind pushes and earlier answers; False
+        when the transport is over its high-water mark with nothing queued
+        here (then ``send`` it)."""
         outbox = self.outbox
-        ws = self.ws
-        if outbox.busy or len(ws.recv_messages.frames):
+        if outbox.busy or len(self.ws.recv_messages.frames):
             outbox.push(frame, defer=True, answer=True)
             if outbox.queued_bytes >= ANSWER_BATCH_BYTES:
                 outbox.flush_now()
-        elif not outbox.write_now(frame):
-            await ws.send(frame, text=True)
-            return
-        await self.drained()
+            return True
+        return outbox.write_now(frame)
 
     async def drained(self) -> None:
         """Wait while the transport is over its high-water mark (stop reading)."""
@@ -496,8 +503,10 @@ class Gateway:
             outcome = self._dispatch(session, request)
             if isinstance(outcome, bytes):
                 metrics.count_request(method, "ok")
-                if outcome:  # empty: the answer was already queued in order
+                if outcome:
                     await session.send(outcome)
+                else:  # the answer was already written or queued in order
+                    await session.drained()
             elif isinstance(outcome, _Durable):
                 # Answered by the journal's callback once durable; keep reading,
                 # unless the answers already out wait for the client to read.
@@ -584,20 +593,23 @@ class Gateway:
                 connection=session.conn_id,
                 cancel_on_disconnect=session.cancel_on_disconnect,
             )
-            metrics.VALIDATION_LATENCY.observe(time.perf_counter() - started)
-            metrics.count_validation(decision["decision"], decision["reasons"])
-            if decision["reasons"] and log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "connection %d: order.validate %s %s %s rejected: %s",
-                    session.conn_id,
-                    params.account,
-                    params.symbol,
-                    params.side,
-                    ", ".join(reason["code"] for reason in decision["reasons"]),
-                )
-            seq = self._commit()
-            self._publish()
-            if params.reserve and decision["reservation_id"] is not None:
+            took = time.perf_counter() - started
+            if not params.reserve:
+                # Nothing to wait for: the answer goes out first, and the audit
+                # record, the metrics and the decision push follow, off the
+                # client's round trip. Records and pushes keep their order: the
+                # next request's are queued after these.
+                frame = codec.encode_ok(request.id, decision)
+                if not session.answer(frame):
+                    self._validated(session, params, decision, took)
+                    return frame
+                try:
+                    self._validated(session, params, decision, took)
+                except Exception:  # answered already: log it, never answer twice
+                    log.exception("bookkeeping after order.validate")
+                return b""
+            seq = self._validated(session, params, decision, took)
+            if decision["reservation_id"] is not None:
                 # A repeat of a client_order_id writes no record, but answers
                 # with a reservation whose own record may not be durable yet:
                 # wait for everything appended so far.
@@ -668,6 +680,27 @@ class Gateway:
                 self.fanout.unsubscribe(session, params),  # type: ignore[arg-type]
             )
         raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown method {method}")
+
+    def _validated(
+        self, session: Session, params: OrderValidate, decision: dict[str, Any], took: float
+    ) -> int:
+        """After a validation: metrics, the journal record(s), the decision push.
+
+        Returns the seq of the last record appended (0: none)."""
+        metrics.VALIDATION_LATENCY.observe(took)
+        metrics.count_validation(decision["decision"], decision["reasons"])
+        if decision["reasons"] and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "connection %d: order.validate %s %s %s rejected: %s",
+                session.conn_id,
+                params.account,
+                params.symbol,
+                params.side,
+                ", ".join(reason["code"] for reason in decision["reasons"]),
+            )
+        seq = self._commit()
+        self._publish()
+        return seq
 
     def _trading(
         self, session: Session, request: Request, principal: Principal
