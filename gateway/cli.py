@@ -16,7 +16,7 @@ import orjson
 from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
-from gateway.manager import EmergencyManager
+from gateway.manager import EmergencyManager, install_risk_context
 from gateway.rules import load_rules
 from gateway.server import Gateway, start_gateway
 
@@ -102,6 +102,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 2
+    install_risk_context()  # before the loop, so every task inherits it
     try:
         import uvloop
 

@@ -3,6 +3,7 @@ and the exactness of the hot-path shortcuts the benchmark led to."""
 
 from __future__ import annotations
 
+import contextvars
 import decimal
 import math
 import os
@@ -20,8 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clients.bench import SECTIONS, latency_summary, paired_ratios, percentile
+from gateway import manager as manager_module
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.manager import EmergencyManager, install_risk_context
 from protocol.messages import OrderValidate, PositionUpdate
 from protocol.values import RISK_CONTEXT, format_decimal, format_time_ms
 
@@ -203,6 +205,40 @@ def test_validate_when_32_digit_inputs_under_default_context_then_exposure_is_ex
     with decimal.localcontext(RISK_CONTEXT):
         assert Decimal(reserved["exposure"]["account"]) == 2 * qty * price
     assert manager.recompute_exposure()[0] == manager.gross_exposure
+
+
+def test_validate_when_risk_context_installed_then_exact_and_context_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(manager_module, "_installed", None)  # restored afterwards
+    qty = Decimal("1234567890123456.789012345678901")
+    price = Decimal("9876543210987654.321098765432109")
+    huge = Decimal("9" * 40)
+    limits = Limits(
+        max_exposure=huge,
+        max_account_exposure=huge,
+        max_position=huge,
+        max_order_qty=huge,
+        max_order_notional=huge,
+    )
+
+    def in_gateway_process() -> tuple[decimal.Context, decimal.Context, dict[str, Any]]:
+        installed = install_risk_context()
+        manager = EmergencyManager(limits=limits, clock=lambda: 1_700_000_000_000)
+        manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price))
+        decision = manager.validate(
+            OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price)
+        )
+        return installed, decimal.getcontext(), decision
+
+    caller = decimal.getcontext()
+    # A copied contextvars context, so the installation stays inside it.
+    installed, after, decision = contextvars.copy_context().run(in_gateway_process)
+    assert after is installed and installed.prec == RISK_CONTEXT.prec
+    assert decimal.Inexact in [t for t, on in installed.traps.items() if on]
+    with decimal.localcontext(RISK_CONTEXT):
+        assert Decimal(decision["exposure"]["account"]) == qty * price
+    assert decimal.getcontext() is caller and caller.prec == 28
 
 
 def test_replay_when_records_applied_then_same_state_as_live() -> None:
