@@ -5,6 +5,7 @@ One registry per process; the names are the contract of docs/operations.md.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from prometheus_client import (
@@ -72,35 +73,39 @@ VALIDATION_LATENCY = Histogram(
 )
 
 
-# Labelled children by label values. ``labels()`` costs about 5 µs a call
-# (it validates and joins the values each time); a cached child's ``inc()``
-# about 0.5 µs, and these run on every request. The label values are bounded:
-# methods the codec knows (or "?"), error codes, decisions and reason codes.
-_requests: dict[tuple[str, str], Any] = {}
-_validations: dict[str, Any] = {}
-_rejects: dict[str, Any] = {}
+# The per-request counters are counted in plain dicts (an increment costs about
+# 0.1 us, where a prometheus child's locked ``inc()`` costs 0.6 us and its
+# ``labels()`` lookup 5 us) and added to the prometheus counters when the
+# metrics are read (``render``). The label values are bounded: methods the
+# codec knows (or "?"), error codes, decisions and reason codes.
+_request_counts: defaultdict[tuple[str, str], int] = defaultdict(int)
+_validation_counts: defaultdict[str, int] = defaultdict(int)
+_reject_counts: defaultdict[str, int] = defaultdict(int)
 
 
 def count_request(method: str, code: str) -> None:
     """``riskgw_requests_total{method, code}`` += 1."""
-    child = _requests.get((method, code))
-    if child is None:
-        child = _requests[(method, code)] = REQUESTS.labels(method=method, code=code)
-    child.inc()
+    _request_counts[(method, code)] += 1
 
 
 def count_validation(decision: str, reasons: list[dict[str, Any]]) -> None:
     """``riskgw_validations_total{decision}`` and each reason's counter += 1."""
-    child = _validations.get(decision)
-    if child is None:
-        child = _validations[decision] = VALIDATIONS.labels(decision=decision)
-    child.inc()
+    _validation_counts[decision] += 1
     for reason in reasons:
-        code = reason["code"]
-        child = _rejects.get(code)
-        if child is None:
-            child = _rejects[code] = REJECT_REASONS.labels(reason=code)
-        child.inc()
+        _reject_counts[reason["code"]] += 1
+
+
+def _add_counts() -> None:
+    """Move what the request path counted into the prometheus counters."""
+    for (method, code), n in _request_counts.items():
+        REQUESTS.labels(method=method, code=code).inc(n)
+    for decision, n in _validation_counts.items():
+        VALIDATIONS.labels(decision=decision).inc(n)
+    for code, n in _reject_counts.items():
+        REJECT_REASONS.labels(reason=code).inc(n)
+    _request_counts.clear()
+    _validation_counts.clear()
+    _reject_counts.clear()
 
 
 def update_journal(stats: dict[str, Any]) -> None:
@@ -117,4 +122,5 @@ def observe_batch(records: int, fsync_seconds: float | None) -> None:
 
 
 def render() -> tuple[bytes, str]:
+    _add_counts()
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
