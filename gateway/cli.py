@@ -17,7 +17,7 @@ from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager, install_risk_context
-from gateway.rules import load_rules
+from gateway.rules import Rule, load_rules
 from gateway.server import Gateway, start_gateway
 
 log = logging.getLogger("gateway")
@@ -99,7 +99,10 @@ def serve_command(args: argparse.Namespace) -> int:
         config = with_overrides(
             load_config(args.config), host=args.host, port=args.port, state_dir=args.state_dir
         )
-    except ConfigError as exc:
+        # Desk rules are imported before the risk context is installed, so
+        # nothing a rule module does to the decimal context at import stays.
+        rules = load_rules(config.rules)
+    except (ConfigError, ValueError) as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 2
     install_risk_context()  # before the loop, so every task inherits it
@@ -110,12 +113,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency
         runner = asyncio.run
     try:
-        return int(runner(_serve(config)))
+        return int(runner(_serve(config, rules)))
     except KeyboardInterrupt:  # pragma: no cover - Ctrl-C before the handler is set
         return 0
 
 
-async def _serve(config: GatewayConfig) -> int:
+async def _serve(config: GatewayConfig, rules: tuple[Rule, ...]) -> int:
     state_dir = config.persistence.state_dir
     try:
         if config.tokens:
@@ -124,7 +127,6 @@ async def _serve(config: GatewayConfig) -> int:
         else:
             token_configs, printed = ensure_default_tokens(state_dir)
             tokens = TokenStore(token_configs)
-        rules = load_rules(config.rules)
     except (ConfigError, ValueError) as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from decimal import Decimal
 from typing import Any, ParamSpec, TypeVar
 
 from gateway.config import Limits
-from gateway.rules import DEFAULT_RULES, OrderCheck, Rule
+from gateway.rules import DEFAULT_RULES, OrderCheck, Rule, RuleResult
 from protocol.codes import AlertCode, AlertLevel, ErrorCode, Mode
 from protocol.errors import ProtocolError, bad_request
 from protocol.messages import (
@@ -100,6 +100,23 @@ def install_risk_context() -> decimal.Context:
     _setcontext(context)
     _installed = context
     return context
+
+
+def _own_context(rule: Rule) -> Rule:
+    """A desk's check, run in a fresh copy of the risk context: whatever it does
+    to the decimal context ends with the call, even where the context is
+    installed and shared (``install_risk_context``)."""
+
+    @functools.wraps(rule)
+    def check(order: OrderCheck) -> RuleResult:
+        caller = _getcontext()
+        _setcontext(_copy_risk_context())
+        try:
+            return rule(order)
+        finally:
+            _setcontext(caller)
+
+    return check
 
 
 GATEWAY_ACTOR = "gateway"
@@ -228,7 +245,7 @@ class EmergencyManager:
         self.limits = limits
         self.limits_version = 1
         self.file_limits: dict[str, Any] | None = None
-        self.rules: tuple[Rule, ...] = DEFAULT_RULES + tuple(rules)
+        self.rules: tuple[Rule, ...] = DEFAULT_RULES + tuple(_own_context(r) for r in rules)
         self.risk_manager = (
             risk_manager if risk_manager is not None else self.config.get("risk_manager")
         )

@@ -192,6 +192,8 @@ def load_rule(spec: str) -> Rule:
         module = import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"rule {spec!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:
+        raise ValueError(f"rule {spec!r}: importing {module_name} raised {exc!r}") from None
     rule = getattr(module, attr, None)
     if not callable(rule):
         raise ValueError(f"rule {spec!r}: {module_name} has no callable {attr}")

@@ -16,8 +16,10 @@ from protocol.errors import bad_request
 
 # Risk math is +, - and * only (the collar compares |p - r| with collar * r), so
 # with enough digits nothing is ever rounded; Inexact traps if that ever changes.
-# It is applied locally (``exact``), never installed as the process's context,
-# so importing the protocol does not change a host program's decimal arithmetic.
+# It is applied locally (``exact``): importing the protocol or the manager does
+# not change a host program's decimal arithmetic. Only the gateway server, whose
+# decimal arithmetic is all risk math, installs a copy as its context
+# (``gateway.manager.install_risk_context``).
 RISK_CONTEXT = decimal.Context(
     prec=120,
     rounding=decimal.ROUND_HALF_EVEN,

@@ -7,14 +7,18 @@ clock, and looks only at what a client sees: the DECISION's ``decision`` and
 
 from __future__ import annotations
 
+import contextvars
+import decimal
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway import manager as manager_module
 from gateway.config import Limits
-from gateway.manager import AlertRaised, EmergencyManager
-from gateway.rules import OrderCheck, RuleResult
+from gateway.manager import AlertRaised, EmergencyManager, install_risk_context
+from gateway.rules import OrderCheck, RuleResult, load_rule
 from protocol.codes import Mode
 from protocol.messages import (
     EmergencySet,
@@ -24,6 +28,7 @@ from protocol.messages import (
     PositionUpdate,
     PriceUpdate,
 )
+from protocol.values import RISK_CONTEXT, format_decimal
 
 T0 = 1_700_000_000_000
 
@@ -495,3 +500,53 @@ def test_validate_when_custom_rule_rejects_a_reserve_then_nothing_is_reserved() 
     assert reasons(decision) == [("DESK", "desk closed")]
     assert decision["reservation_id"] is None
     assert m.state_view()["gross_exposure"] == "0"
+
+
+def test_desk_rule_when_it_changes_the_installed_context_then_later_math_stays_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(manager_module, "_installed", None)  # restored afterwards
+    qty = Decimal("1234567890123456.789012345678901")
+    price = Decimal("9876543210987654.321098765432109")
+    huge = Decimal("9" * 40)
+    limits = Limits(
+        max_exposure=huge,
+        max_account_exposure=huge,
+        max_position=huge,
+        max_order_qty=huge,
+        max_order_notional=huge,
+    )
+
+    def careless(check: OrderCheck) -> RuleResult:
+        context = decimal.getcontext()
+        context.prec = 6
+        context.traps[decimal.Inexact] = False
+        return None
+
+    def in_gateway_process() -> tuple[decimal.Context, list[str]]:
+        installed = install_risk_context()
+        manager = EmergencyManager(limits=limits, rules=[careless], clock=lambda: 1_700_000_000_000)
+        manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price))
+        exposures = []
+        for _ in range(2):
+            decision = manager.validate(
+                OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price)
+            )
+            exposures.append(decision["exposure"]["account"])
+        return installed, exposures
+
+    installed, exposures = contextvars.copy_context().run(in_gateway_process)
+    with decimal.localcontext(RISK_CONTEXT):
+        exact = format_decimal(qty * price)
+    assert exposures == [exact, exact]
+    assert installed.prec == RISK_CONTEXT.prec
+    assert installed.traps[decimal.Inexact]
+
+
+def test_load_rule_when_module_raises_on_import_then_value_error_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "desk_broken.py").write_text("raise RuntimeError('no config for desk 7')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"desk_broken.*no config for desk 7"):
+        load_rule("desk_broken:check")
