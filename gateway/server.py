@@ -150,9 +150,10 @@ class Session:
 
     def answer(self, frame: bytes) -> bool:
         """The part of ``send`` that never waits: True when ``frame`` was
-        written, or queued in order behind pushes and earlier answers; False
-        when the transport is over its high-water mark with nothing queued
-        here (then ``send`` it)."""
+        written, or queued in order behind pushes and earlier answers (or
+        dropped, the connection being closed or evicted). False when nothing
+        is queued here but the frame cannot be written now: the transport is
+        over its high-water mark, or the connection is closing."""
         outbox = self.outbox
         if outbox.busy or len(self.ws.recv_messages.frames):
             outbox.push(frame, defer=True, answer=True)
@@ -195,6 +196,8 @@ class Gateway:
         # (see _publish), and the task that releases them.
         self._held: list[Event] | None = None
         self._holding: set[asyncio.Task[None]] = set()
+        if store is not None:
+            store.on_failure = self._persistence_failed(store.on_failure)
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
@@ -601,8 +604,9 @@ class Gateway:
                 # next request's are queued after these.
                 frame = codec.encode_ok(request.id, decision)
                 if not session.answer(frame):
-                    self._validated(session, params, decision, took)
-                    return frame
+                    # Queued for the outbox's writer, still ahead of the push;
+                    # the read loop waits for the drain.
+                    session.outbox.push(frame)
                 try:
                     self._validated(session, params, decision, took)
                 except Exception:  # answered already: log it, never answer twice
@@ -875,6 +879,18 @@ class Gateway:
     async def _synced(self, seq: int) -> None:
         if self.store is not None:
             await self.store.synced(seq)
+
+    def _persistence_failed(
+        self, then: Callable[[PersistenceError], None] | None
+    ) -> Callable[[PersistenceError], None]:
+        def failed(error: PersistenceError) -> None:
+            # The halt and its alert go out at once, not with the next
+            # request's events (that request's answer would come first).
+            self._publish()
+            if then is not None:
+                then(error)
+
+        return failed
 
     def _publish(self) -> None:
         """Hand the manager's events to the fan-out.

@@ -55,7 +55,8 @@ class Store:
         self.fsync = fsync
         self.fsync_interval_ms = fsync_interval_ms
         self.snapshot_every = snapshot_every
-        self._on_failure = on_failure
+        #: Called (on the loop) after a journal failure halted the manager.
+        self.on_failure = on_failure
         self._on_batch = on_batch
         self._lock: StateLock | None = None
         self.journal: Journal | None = None
@@ -131,8 +132,8 @@ class Store:
         )
         # Nothing more can be written: drop what the halt queued for the journal.
         self.manager.drain_records()
-        if self._on_failure is not None:
-            self._on_failure(error)
+        if self.on_failure is not None:
+            self.on_failure(error)
 
     @property
     def failed(self) -> PersistenceError | None:

@@ -251,3 +251,45 @@ async def test_logs_when_level_warning_then_nothing_below_warning(tmp_path: Path
     levels = [orjson.loads(line)["level"] for line in lines if line.strip()]
     assert "warning" in levels
     assert set(levels) <= {"warning", "error", "critical"}, levels
+
+
+async def test_fsync_failure_when_next_validation_then_halt_pushed_before_its_answer(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await make_gateway()
+    update = {"account": "A1", "symbol": "X", "qty": "1", "price": "10"}
+    async with connect(
+        gw.url, additional_headers={"Authorization": f"Bearer {TRADER}"}, compression=None
+    ) as ws:
+
+        async def call(request_id: int, method: str, params: dict[str, Any]) -> list[Any]:
+            """The frames up to this request's answer, in the order they arrived."""
+            frame = {"id": request_id, "method": method, "params": params}
+            await ws.send(orjson.dumps(frame), text=True)
+            seen = []
+            while True:
+                seen.append(orjson.loads(await ws.recv()))
+                if seen[-1].get("id") == request_id:
+                    return seen
+
+        assert (await call(1, "position.update", update))[-1]["status"] == "ok"
+
+        def broken_fdatasync(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", broken_fdatasync)
+        failed = await call(2, "position.update", update)
+        assert failed[-1]["error"]["code"] == "UNAVAILABLE"
+        frames = failed + await call(3, "order.validate", ORDER)
+        decision = frames[-1]["result"]
+        assert [r["code"] for r in decision["reasons"]] == ["EMERGENCY_HALTED"]
+        # The halt that explains the rejection came before it.
+        halts = [
+            f["data"]
+            for f in frames[:-1]
+            if f.get("channel") == "emergency" and f["data"]["mode"] == "halted"
+        ]
+        assert halts and halts[-1]["actor"] == "gateway", frames
+        assert halts[-1]["version"] == decision["emergency_version"]
+    with pytest.raises(PersistenceError):
+        await gw.gateway.stop()

@@ -89,6 +89,34 @@ async def test_validate_when_within_limits_then_accept_with_exposure(gw: Running
     }
 
 
+async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push(
+    gw: RunningGateway,
+) -> None:
+    async with connect(
+        gw.url, additional_headers={"Authorization": f"Bearer {ADMIN}"}, compression=None
+    ) as ws:
+
+        async def frames_until_push(request_id: int) -> list[tuple[str, Any]]:
+            """Frames in the order they arrived, up to this validation's push."""
+            seen: list[tuple[str, Any]] = []
+            while True:
+                msg = orjson.loads(await ws.recv())
+                seen.append((msg.get("channel", "answer"), msg.get("id", msg.get("seq"))))
+                if msg.get("channel") == "decisions" and not msg.get("snapshot"):
+                    return seen
+
+        subscribe = {"id": 1, "method": "subscribe", "params": {"channels": ["decisions"]}}
+        await ws.send(orjson.dumps(subscribe), text=True)
+        for request_id in (2, 3, 4):
+            order = {"id": request_id, "method": "order.validate", "params": ORDER}
+            await ws.send(orjson.dumps(order), text=True)
+            seen = [
+                frame for frame in await frames_until_push(request_id) if frame[0] != "emergency"
+            ]
+            # The subscribe's answer and snapshot come before the first validation's.
+            assert seen[-2:] == [("answer", request_id), ("decisions", seen[-1][1])], seen
+
+
 async def test_validate_when_over_limits_then_every_reason_listed(
     make_gateway: GatewayFactory,
 ) -> None:
