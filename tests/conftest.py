@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ TOKENS = {
     "desk-2": ("trader-b-token", Role.TRADER, ("B1",)),
 }
 ADMIN, VIEWER, TRADER, TRADER_B = "admin-token", "viewer-token", "trader-token", "trader-b-token"
+
+#: 32-character decimals (the protocol's longest) whose product needs more
+#: digits than Python's default context keeps.
+BIG_QTY = Decimal("1234567890123456.789012345678901")
+BIG_PRICE = Decimal("9876543210987654.321098765432109")
+
+
+def unbounded_limits() -> Limits:
+    """Limits that no order of ``BIG_QTY`` at ``BIG_PRICE`` reaches."""
+    huge = Decimal("9" * 40)
+    return Limits(
+        max_exposure=huge,
+        max_account_exposure=huge,
+        max_position=huge,
+        max_order_qty=huge,
+        max_order_notional=huge,
+        max_orders_per_second=1_000_000,
+    )
 
 
 def token_configs() -> tuple[TokenConfig, ...]:

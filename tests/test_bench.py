@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from clients.bench import SECTIONS, latency_summary, paired_ratios, percentile
 from gateway import manager as manager_module
-from gateway.config import Limits
 from gateway.manager import EmergencyManager, install_risk_context
 from protocol.messages import OrderValidate, PositionUpdate
 from protocol.values import RISK_CONTEXT, format_decimal, format_time_ms
+from tests.conftest import BIG_PRICE, BIG_QTY, unbounded_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,17 +174,7 @@ def test_format_time_ms_when_cached_then_same_as_reference(stamps: list[int]) ->
 
 
 def test_validate_when_32_digit_inputs_under_default_context_then_exposure_is_exact() -> None:
-    qty = Decimal("1234567890123456.789012345678901")  # 32 characters
-    price = Decimal("9876543210987654.321098765432109")
-    huge = Decimal("9" * 32)
-    limits = Limits(
-        max_exposure=huge,
-        max_account_exposure=huge,
-        max_position=huge,
-        max_order_qty=huge,
-        max_order_notional=huge,
-        max_orders_per_second=1_000_000,
-    )
+    qty, price, limits = BIG_QTY, BIG_PRICE, unbounded_limits()
     manager = EmergencyManager(limits=limits, clock=lambda: 1_700_000_000_000)
     caller = decimal.getcontext()
     assert caller.prec == 28  # the host's context: products of 32 digits would round here
@@ -211,16 +201,7 @@ def test_validate_when_risk_context_installed_then_exact_and_context_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(manager_module, "_installed", None)  # restored afterwards
-    qty = Decimal("1234567890123456.789012345678901")
-    price = Decimal("9876543210987654.321098765432109")
-    huge = Decimal("9" * 40)
-    limits = Limits(
-        max_exposure=huge,
-        max_account_exposure=huge,
-        max_position=huge,
-        max_order_qty=huge,
-        max_order_notional=huge,
-    )
+    qty, price, limits = BIG_QTY, BIG_PRICE, unbounded_limits()
 
     def in_gateway_process() -> tuple[decimal.Context, decimal.Context, dict[str, Any]]:
         installed = install_risk_context()

@@ -29,6 +29,7 @@ from protocol.messages import (
     PriceUpdate,
 )
 from protocol.values import RISK_CONTEXT, format_decimal
+from tests.conftest import BIG_PRICE, BIG_QTY, unbounded_limits
 
 T0 = 1_700_000_000_000
 
@@ -506,16 +507,7 @@ def test_desk_rule_when_it_changes_the_installed_context_then_later_math_stays_e
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(manager_module, "_installed", None)  # restored afterwards
-    qty = Decimal("1234567890123456.789012345678901")
-    price = Decimal("9876543210987654.321098765432109")
-    huge = Decimal("9" * 40)
-    limits = Limits(
-        max_exposure=huge,
-        max_account_exposure=huge,
-        max_position=huge,
-        max_order_qty=huge,
-        max_order_notional=huge,
-    )
+    qty, price, limits = BIG_QTY, BIG_PRICE, unbounded_limits()
 
     def careless(check: OrderCheck) -> RuleResult:
         context = decimal.getcontext()
