@@ -420,19 +420,24 @@ class Outbox:
         True when written: the connection is open, nothing is queued here and the
         transport is below its high-water mark (not paused). Otherwise nothing is
         written and False is returned: queue the frame instead. Writing straight
-        to an idle connection costs one frame encoding and one ``transport.write``
-        (as ``websockets.broadcast`` does), where a writer task would cost a task
-        per frame. The transport's buffer counts in ``queued_bytes``, so the
+        to an idle connection costs one framing (``text_frame``, as the flusher
+        frames) and one ``transport.write``, where a writer task would cost a
+        task per frame. The transport's buffer counts in ``queued_bytes``, so the
         eviction bound still applies to what is written.
         """
         if self._writer is not None or self._scheduled or self._closed:
             return False
         ws = self.ws
-        if ws.paused or ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+        protocol = ws.protocol
+        if (
+            ws.paused
+            or protocol.state is not State.OPEN
+            or ws.send_in_progress is not None
+            or protocol.extensions
+        ):
             return False
         try:
-            ws.protocol.send_text(frame)
-            ws.send_data()
+            ws.transport.write(text_frame(frame))
         except Exception as exc:
             self._lost(exc)
         return True

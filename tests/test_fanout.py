@@ -78,13 +78,10 @@ class FakeProtocol:
         self.state = State.OPEN
         self.extensions: list[object] = []
 
-    def send_text(self, frame: bytes) -> None:
-        self.ws.write(frame)
-
 
 class FakeWs:
-    """Records sent frames, written straight (``protocol.send_text``) or by
-    ``send``. With ``reading=False`` it behaves like a client that stopped
+    """Records sent frames, written to the transport (framed, parsed back by
+    ``FakeTransport``) or by ``send``. With ``reading=False`` it behaves like a client that stopped
     reading: the first frame lands in the write buffer, which then stays over
     the high-water mark (``paused``), and a ``send`` waits (as websockets waits
     in drain) until ``resume_reading``."""
@@ -109,9 +106,6 @@ class FakeWs:
         if not self._reading.is_set():
             self.transport.buffered += len(frame)
             self.paused = True
-
-    def send_data(self) -> None:
-        pass
 
     async def send(self, frame: bytes, text: bool | None = None) -> None:
         assert text is True, "pushes are text frames"
@@ -284,6 +278,8 @@ async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
     for sub in (first, second):
         fanout.add(sub)  # type: ignore[arg-type]
         subscribe(fanout, sub, Channel.ALERTS, Channel.DECISIONS)
+    await settle()
+    framed.clear()  # the snapshots and answers so far are each their own
     fanout.publish([alert(1), emergency(1), decision(1), alert(2), decision(2), emergency(2)])
     fanout.publish([alert(3)])
     await settle()
