@@ -231,6 +231,19 @@ def text_frame(payload: bytes) -> bytes:
     return _HEADER_64.pack(0x81, 127, length) + payload
 
 
+def _takes_frames(ws: ServerConnection) -> bool:
+    """True when frames framed here may go straight to the connection's
+    transport: open, under the high-water mark, no fragmented send of
+    websockets' own in progress, and no extension (the frames carry none)."""
+    protocol = ws.protocol
+    return (
+        not ws.paused
+        and protocol.state is State.OPEN
+        and ws.send_in_progress is None
+        and not protocol.extensions
+    )
+
+
 class Outbox:
     """Per-connection output: straight to the transport, or queued for the flusher.
 
@@ -378,13 +391,7 @@ class Outbox:
         ws = self.ws
         queue = self._queue
         flusher = self._flusher
-        protocol = ws.protocol
-        if (
-            ws.paused
-            or protocol.state is not State.OPEN
-            or ws.send_in_progress is not None
-            or protocol.extensions
-        ):
+        if not _takes_frames(ws):
             self._start_writer()
             return
         # Everything queued goes out in one write: one system call, however many
@@ -428,13 +435,7 @@ class Outbox:
         if self._writer is not None or self._scheduled or self._closed:
             return False
         ws = self.ws
-        protocol = ws.protocol
-        if (
-            ws.paused
-            or protocol.state is not State.OPEN
-            or ws.send_in_progress is not None
-            or protocol.extensions
-        ):
+        if not _takes_frames(ws):
             return False
         try:
             ws.transport.write(text_frame(frame))
