@@ -604,9 +604,9 @@ class Gateway:
                 # next request's are queued after these.
                 frame = codec.encode_ok(request.id, decision)
                 if not session.answer(frame):
-                    # Queued for the outbox's writer, still ahead of the push;
-                    # the read loop waits for the drain.
-                    session.outbox.push(frame)
+                    # Queued ahead of the push, flushed with the answers (a
+                    # writer waits for the drain), and the read loop waits too.
+                    session.outbox.push(frame, answer=True)
                 try:
                     self._validated(session, params, decision, took)
                 except Exception:  # answered already: log it, never answer twice

@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway import server as gateway_server
 from protocol.messages import PositionEntry, PositionSnapshot
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
 from tests.wsclient import TestClient
@@ -89,19 +90,33 @@ async def test_validate_when_within_limits_then_accept_with_exposure(gw: Running
     }
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["idle", "transport-paused"])
 async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push(
-    gw: RunningGateway,
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch, paused: bool
 ) -> None:
+    if paused:
+        # The transport goes over its high-water mark just as the answer is
+        # about to be written, and drains on the next turn of the loop.
+        answer = gateway_server.Session.answer
+
+        def answer_while_paused(session: gateway_server.Session, frame: bytes) -> bool:
+            if b'"decision"' in frame and not session.ws.paused:
+                session.ws.pause_writing()
+                asyncio.get_running_loop().call_soon(session.ws.resume_writing)
+            return answer(session, frame)
+
+        monkeypatch.setattr(gateway_server.Session, "answer", answer_while_paused)
     async with connect(
         gw.url, additional_headers={"Authorization": f"Bearer {ADMIN}"}, compression=None
     ) as ws:
 
-        async def frames_until_push(request_id: int) -> list[tuple[str, Any]]:
-            """Frames in the order they arrived, up to this validation's push."""
+        async def frames_until_push() -> list[tuple[str, Any]]:
+            """Frames in the order they arrived, up to a validation's push."""
             seen: list[tuple[str, Any]] = []
             while True:
                 msg = orjson.loads(await ws.recv())
-                seen.append((msg.get("channel", "answer"), msg.get("id", msg.get("seq"))))
+                if msg.get("channel") != "emergency":
+                    seen.append((msg.get("channel", "answer"), msg.get("id", msg.get("seq"))))
                 if msg.get("channel") == "decisions" and not msg.get("snapshot"):
                     return seen
 
@@ -110,11 +125,15 @@ async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push
         for request_id in (2, 3, 4):
             order = {"id": request_id, "method": "order.validate", "params": ORDER}
             await ws.send(orjson.dumps(order), text=True)
-            seen = [
-                frame for frame in await frames_until_push(request_id) if frame[0] != "emergency"
-            ]
+            seen = await frames_until_push()
             # The subscribe's answer and snapshot come before the first validation's.
             assert seen[-2:] == [("answer", request_id), ("decisions", seen[-1][1])], seen
+        # Each answered once: the next answer is the ping's.
+        await ws.send(orjson.dumps({"id": 5, "method": "ping"}), text=True)
+        msg = orjson.loads(await ws.recv())
+        while msg.get("channel") == "emergency":
+            msg = orjson.loads(await ws.recv())
+        assert msg["id"] == 5, msg
 
 
 async def test_validate_when_over_limits_then_every_reason_listed(
