@@ -83,7 +83,17 @@ class ServerConfig:
     max_queued_bytes: int = 1048576
     max_connections: int = 10000
     max_connections_per_ip: int = 1000
+    #: Connections not authenticated yet (a handshake in progress, or an open
+    #: socket waiting for ``session.auth``); beyond, HTTP 503.
+    max_unauthenticated: int = 1000
     auth_timeout_s: float = 5.0
+    #: A connection over ``max_queued_bytes`` is closed 4003 only once none of
+    #: its output was taken for this long.
+    slow_consumer_ms: int = 1000
+    #: Symbols one account may hold positions or reservations in.
+    max_symbols_per_account: int = 100000
+    #: Live reservations one account may hold.
+    max_reservations_per_account: int = 100000
     heartbeat_s: float = 1.0
     #: Origins allowed besides the gateway's own ``http://HOST:PORT``, which the
     #: server always allows.
@@ -419,6 +429,10 @@ _SERVER_INT_RANGES: Final[Mapping[str, tuple[int, int | None]]] = {
     "max_queued_bytes": (1, None),
     "max_connections": (1, None),
     "max_connections_per_ip": (1, None),
+    "max_unauthenticated": (1, None),
+    "slow_consumer_ms": (1, None),
+    "max_symbols_per_account": (1, None),
+    "max_reservations_per_account": (1, None),
 }
 _SERVER_KEYS: Final = frozenset(_SERVER_INT_RANGES) | {
     "host",

@@ -55,6 +55,7 @@ class Mode(StrEnum):
 class Role(StrEnum):
     TRADER = "trader"
     VIEWER = "viewer"
+    FEED = "feed"
     ADMIN = "admin"
 
 

@@ -367,9 +367,12 @@ def test_load_when_fsync_is_not_a_known_policy_then_error_lists_the_policies(
     [
         (
             'name = "a"\nrole = "root"\ntoken = "t"',
-            'tokens[0].role: expected one of "trader", "viewer", "admin", got "root"',
+            'tokens[0].role: expected one of "trader", "viewer", "feed", "admin", got "root"',
         ),
-        ('name = "a"\ntoken = "t"', 'tokens[0].role: missing (one of "trader", "viewer", "admin")'),
+        (
+            'name = "a"\ntoken = "t"',
+            'tokens[0].role: missing (one of "trader", "viewer", "feed", "admin")',
+        ),
         ('name = "a"\nrole = "admin"', "tokens[0]: missing token or token_sha256"),
         (
             f'name = "a"\nrole = "admin"\ntoken = "t"\ntoken_sha256 = "{DIGEST}"',
