@@ -138,7 +138,7 @@ def _plain(value: Any) -> Any:
 
 
 async def update_state(manager: EmergencyManager, emergency_mode: bool, reason: str) -> None:
-    store = await _ensure_recovered(manager)
+    await _ensure_recovered(manager)
     mode = Mode.HALTED if emergency_mode else Mode.NORMAL
     if mode is Mode.HALTED and not reason.strip():
         raise ValueError("a reason is required to enter emergency mode")
@@ -146,15 +146,11 @@ async def update_state(manager: EmergencyManager, emergency_mode: bool, reason: 
     record = manager.prepare_emergency(request, LIBRARY_ACTOR)
     if record is None:
         return
-    if manager.is_tightening(record) or store is None:
-        manager.apply_record(record)
-        await _commit(manager, synced=True)
-        return
-    # Away from safety: durable first, then applied.
-    assert store.journal is not None
-    seq = store.journal.append(record)
-    await store.synced(seq)
-    manager.apply_committed(record)
+    # Towards safety enforced at once, away from it only once durable; the
+    # mode and its version change once the record is fsynced (or at once
+    # without a state directory).
+    manager.stage(record)
+    await _commit(manager, synced=True)
 
 
 async def close(manager: EmergencyManager) -> None:

@@ -1211,6 +1211,27 @@ class Journal:
         heapq.heappush(self._durable_waiters, (seq, next(self._tiebreak), callback))
         self._wake.set()
 
+    def when_synced(self, seq: int, callback: Callable[[PersistenceError | None], None]) -> None:
+        """Call ``callback(None)`` once record ``seq`` is fdatasync'ed, whatever the
+        policy (as ``synced`` would return); ``callback(error)`` if it never will be.
+
+        Callbacks for the same or lower seqs run in seq order, before the
+        futures of ``synced`` callers of the same seq resume. Otherwise as
+        ``when_durable``.
+        """
+        if self._failed is not None:
+            _call(callback, self._caller_error())
+            return
+        if seq > self._last_seq:
+            raise ValueError(f"seq {seq} was never appended (last is {self._last_seq})")
+        if seq <= self._synced_seq:
+            _call(callback, None)
+            return
+        if self._closed and self._close_task is not None and self._close_task.done():
+            raise RuntimeError("journal closed")
+        heapq.heappush(self._synced_waiters, (seq, next(self._tiebreak), callback))
+        self._wake.set()
+
     async def synced(self, seq: int) -> None:
         """Return once record ``seq`` is fdatasync'ed, whatever the policy.
 

@@ -271,6 +271,14 @@ class EmergencyManager:
         # ends rather than once per record (a position is updated many times).
         self._reprice_due: list[tuple[AccountBook, SymbolBook]] = []
         self._committed = False  # applying a record that is already in the journal
+        # Emergency and limits records on their way to the journal, oldest
+        # first (see ``stage``): published once durable, in this order.
+        self._staged: deque[dict[str, Any]] = deque()
+        self._defer_publication = False
+        # The modes validations enforce: each scope's published mode, or a
+        # staged one where that is stricter (see _enforce).
+        self._enforced_gateway = Mode.NORMAL
+        self._enforced_accounts: dict[str, Mode] = {}
         self._emergency_view: dict[str, Any] | None = None
         self._limit_strings: tuple[str, str] = (
             fmt(limits.max_account_exposure),
@@ -338,6 +346,15 @@ class EmergencyManager:
         return self._clock() if now_ms is None else now_ms
 
     # ------------------------------------------------------------ emergency
+    #
+    # Emergency and limits changes are published (applied to the EMERGENCY
+    # document or the limits, pushed, answered) only once their record is
+    # durable, and in the order of their records: so a version is never shown
+    # before it can survive a crash, and never names two contents. Until then
+    # the record is *staged*: a change towards safety is enforced at once (a
+    # validation sees the stricter of the published and every staged mode of
+    # its scope), one away from safety only once published. A manager that no
+    # store owns (a library host, the tests) publishes at once.
 
     def emergency_view(self) -> dict[str, Any]:
         """The EMERGENCY object of the protocol (cached until the next change)."""
@@ -350,25 +367,47 @@ class EmergencyManager:
         return view
 
     def mode_of(self, account: str | None) -> Mode:
+        """The published mode of the gateway (``None``) or of one account."""
         if account is None:
             return self.gateway_mode.mode
         state = self.account_modes.get(account)
         return Mode.NORMAL if state is None else state.mode
 
+    def enforced_mode(self, account: str | None) -> Mode:
+        """The mode validations enforce: the published one, or a staged change
+        towards safety that is not durable yet."""
+        if account is None:
+            return self._enforced_gateway
+        return self._enforced_accounts.get(account, Mode.NORMAL)
+
     def is_emergency_mode_active(self) -> bool:
         """True while the gateway-wide mode is not ``normal``."""
-        return self.gateway_mode.mode is not Mode.NORMAL
+        return self._enforced_gateway is not Mode.NORMAL
+
+    def _intended_mode(self, account: str | None) -> Mode:
+        """The mode the journal will say: the last staged change of the scope,
+        else the published mode."""
+        for rec in reversed(self._staged):
+            if rec["t"] == "emg" and rec["a"] == account:
+                return Mode(rec["m"])
+        return self.mode_of(account)
+
+    def _next_version(self, kind: str, published: int) -> int:
+        version = published
+        for rec in self._staged:
+            if rec["t"] == kind and rec["v"] > version:
+                version = rec["v"]
+        return version + 1
 
     def prepare_emergency(
         self, request: EmergencySet, actor: str, now_ms: int | None = None
     ) -> dict[str, Any] | None:
         """The journal record for a mode change, or ``None`` when it changes nothing.
 
-        Nothing is applied: the caller decides the order of durability and
-        application (``is_tightening``), then calls ``apply_record``.
+        Nothing is applied: ``stage`` it (the server), or ``apply_record`` it
+        (no persistence in between).
         """
-        current = self.mode_of(request.account)
-        if current is request.mode:
+        if self._intended_mode(request.account) is request.mode:
             return None
         return {
             "t": "emg",
@@ -377,8 +416,69 @@ class EmergencyManager:
             "r": request.reason,
             "by": actor,
             "at": self._now(now_ms),
-            "v": self.emergency_version + 1,
+            "v": self._next_version("emg", self.emergency_version),
         }
+
+    @property
+    def defers_publication(self) -> bool:
+        """True once a store owns this manager: staged changes then wait for
+        ``publish``; before, they are published as they are staged."""
+        return self._defer_publication
+
+    def defer_publication(self) -> None:
+        """From now on, ``stage`` leaves a change to ``publish`` (the store calls it)."""
+        self._defer_publication = True
+
+    @_exact
+    def stage(self, record: dict[str, Any]) -> None:
+        """Queue an emergency or limits record for the journal, to be published
+        once durable (``publish``, in staging order). A mode change towards
+        safety is enforced at once. Without a store, published at once."""
+        if not self._defer_publication:
+            self._apply_record(record)
+            return
+        self._staged.append(record)
+        self._records.append(record)
+        if record["t"] == "emg":
+            self._enforce()
+
+    def is_staged(self, record: Mapping[str, Any]) -> bool:
+        """Whether ``record`` (this very object) waits to be published."""
+        return any(rec is record for rec in self._staged)
+
+    @_exact
+    def publish(self, record: Mapping[str, Any]) -> None:
+        """The staged ``record`` is durable: apply it, with its events and
+        alerts. Records are published in the order they were staged."""
+        if not self._staged or self._staged[0] is not record:
+            raise ValueError("publish() out of staging order")
+        self._staged.popleft()
+        self.apply_committed(record)
+        self._enforce()
+
+    def discard_staged(self) -> int:
+        """Forget the staged records (the journal failed: they will never be
+        durable). Returns how many there were."""
+        count = len(self._staged)
+        self._staged.clear()
+        self._enforce()
+        return count
+
+    def _enforce(self) -> None:
+        gateway = self.gateway_mode.mode
+        accounts = {a: s.mode for a, s in self.account_modes.items()}
+        for rec in self._staged:
+            if rec["t"] != "emg":
+                continue
+            mode = Mode(rec["m"])
+            account = rec["a"]
+            if account is None:
+                if _MODE_RANK[mode] > _MODE_RANK[gateway]:
+                    gateway = mode
+            elif _MODE_RANK[mode] > _MODE_RANK[accounts.get(account, Mode.NORMAL)]:
+                accounts[account] = mode
+        self._enforced_gateway = gateway
+        self._enforced_accounts = accounts
 
     def record_initial_state(self, now_ms: int | None = None) -> None:
         """A fresh state directory: journal the initial mode (normal since now,
@@ -397,10 +497,6 @@ class EmergencyManager:
             ]
         )
         self._records.append({"t": "emg", "a": None, **_mode_to_record(self.gateway_mode), "v": 0})
-
-    def is_tightening(self, record: Mapping[str, Any]) -> bool:
-        """A change towards safety applies at once; one away from it only once durable."""
-        return _MODE_RANK[Mode(record["m"])] > _MODE_RANK[self.mode_of(record["a"])]
 
     def set_emergency(
         self, request: EmergencySet, actor: str, now_ms: int | None = None
@@ -424,6 +520,7 @@ class EmergencyManager:
             self.account_modes[account] = state
         self.emergency_version = rec["v"]
         self._emergency_view = None
+        self._enforce()
         self._record(dict(rec))
         if self._replaying:
             return
@@ -443,14 +540,15 @@ class EmergencyManager:
         self._alert(level, AlertCode.EMERGENCY_CHANGED, text, state.since_ms, account=account)
 
     @_exact
-    def force_halt(self, reason: str, now_ms: int | None = None) -> None:
+    def force_halt(self, reason: str, now_ms: int | None = None, *, durable: bool = True) -> None:
         """The gateway halts itself (recovery damage, persistence failure).
 
         Also when already halted, so that the reason says why it must stay so.
-        The record is queued like any other; when the journal has failed the
-        shell cannot write it, and the change lives in memory only.
+        ``durable``: staged like any change (published once its record is
+        durable). Without (the journal has failed, nothing can be written),
+        applied at once and held in memory only.
         """
-        if self.gateway_mode.mode is Mode.HALTED and self.gateway_mode.reason == reason:
+        if self._intended_mode(None) is Mode.HALTED and self._intended_reason() == reason:
             return
         rec = {
             "t": "emg",
@@ -459,14 +557,31 @@ class EmergencyManager:
             "r": reason,
             "by": GATEWAY_ACTOR,
             "at": self._now(now_ms),
-            "v": self.emergency_version + 1,
+            "v": self._next_version("emg", self.emergency_version),
         }
-        self._apply_emergency(rec)
+        if durable:
+            self.stage(rec)
+        else:
+            self._apply_emergency(rec)
+
+    def _intended_reason(self) -> str:
+        for rec in reversed(self._staged):
+            if rec["t"] == "emg" and rec["a"] is None:
+                return str(rec["r"])
+        return self.gateway_mode.reason
 
     # ----------------------------------------------------------------- limits
 
     def limits_view(self) -> dict[str, Any]:
         return {"version": self.limits_version, "limits": self.limits.to_wire()}
+
+    def _intended_limits(self) -> tuple[int, Limits, dict[str, Any] | None]:
+        """(version, limits, file limits) as the journal will say."""
+        for rec in reversed(self._staged):
+            if rec["t"] == "lim":
+                limits = Limits.from_mapping(rec["limits"], where="staged limits")
+                return rec["v"], limits, rec.get("file", self.file_limits)
+        return self.limits_version, self.limits, self.file_limits
 
     @_exact
     def prepare_limits(
@@ -485,14 +600,15 @@ class EmergencyManager:
         """
         from gateway.config import ConfigError
 
-        if version != self.limits_version:
+        current_version, current, file_limits = self._intended_limits()
+        if version != current_version:
             raise ProtocolError(
                 ErrorCode.CONFLICT,
                 f"params.version is {version} but the limits are at version "
-                f"{self.limits_version}; read them again with limits.get",
+                f"{current_version}; read them again with limits.get",
             )
         try:
-            new = Limits.from_mapping(changes, where="params.limits", base=self.limits)
+            new = Limits.from_mapping(changes, where="params.limits", base=current)
         except ConfigError as exc:
             raise bad_request(str(exc)) from None
         except ProtocolError as exc:
@@ -500,15 +616,15 @@ class EmergencyManager:
         wire = new.to_wire()
         rec: dict[str, Any] = {
             "t": "lim",
-            "v": self.limits_version + 1,
+            "v": current_version + 1,
             "limits": wire,
             "by": actor,
             "at": self._now(now_ms),
         }
         if from_file:
             rec["file"] = wire
-        if wire == self.limits.to_wire():
-            if from_file and self.file_limits != wire:
+        if wire == current.to_wire():
+            if from_file and file_limits != wire:
                 return rec
             return None
         return rec
@@ -859,7 +975,6 @@ class EmergencyManager:
             reduces = p > 0 and qty + s <= p
         worst_after = long_side if long_side >= short_side else short_side
         delta = (worst_after - worst_now) * order.price
-        account_mode = self.account_modes.get(account)
         limits = self.limits
         check = OrderCheck(
             account=account,
@@ -874,8 +989,8 @@ class EmergencyManager:
             account_exposure_after=book.gross + delta,
             gateway_exposure_after=self.gross_exposure + delta,
             reduces=reduces,
-            gateway_mode=self.gateway_mode.mode,
-            account_mode=Mode.NORMAL if account_mode is None else account_mode.mode,
+            gateway_mode=self._enforced_gateway,
+            account_mode=self._enforced_accounts.get(account, Mode.NORMAL),
             limits=limits,
             symbol_limits=limits.for_symbol(order.symbol),
             reference_price=self.reference_prices.get(order.symbol),
@@ -963,7 +1078,7 @@ class EmergencyManager:
         # replay must too, or recovered STATE would lack accounts live STATE has.
         self._book(rec["a"])
         rid = rec.get("rid")
-        if rid is not None:
+        if rid is not None and rid not in self.reservations:
             if decision is None:
                 decision = _decision_from_record(rec)
             res = Reservation(
@@ -1050,9 +1165,9 @@ class EmergencyManager:
             over
             and allow_auto_reduce
             and limits.auto_reduce_on_breach
-            and self.gateway_mode.mode is Mode.NORMAL
+            and self._enforced_gateway is Mode.NORMAL
         ):
-            self.apply_record(
+            self.stage(
                 {
                     "t": "emg",
                     "a": None,
@@ -1060,7 +1175,7 @@ class EmergencyManager:
                     "r": f"gross exposure {fmt(gross)} over max_exposure {fmt(limit)}",
                     "by": GATEWAY_ACTOR,
                     "at": now_ms,
-                    "v": self.emergency_version + 1,
+                    "v": self._next_version("emg", self.emergency_version),
                 }
             )
 
@@ -1258,6 +1373,10 @@ class EmergencyManager:
                 for r in self.reservations.values()
             ],
             "next_reservation": self._next_reservation,
+            # Staged changes: in the journal up to the snapshot's seq (or about
+            # to be), not yet published. Loading the snapshot publishes them,
+            # so a snapshot taken while one waits for its fsync still holds it.
+            "pending": list(self._staged),
         }
 
     @_exact
@@ -1302,6 +1421,14 @@ class EmergencyManager:
         finally:
             self._replaying = False
         self._next_reservation = max(self._next_reservation, snap["next_reservation"])
+        self._staged.clear()
+        self._enforce()
+        self._replaying = True
+        try:
+            for rec in snap.get("pending", ()):
+                self._apply_record(rec)
+        finally:
+            self._replaying = False
 
     @_exact
     def release_orphaned_reservations(self, now_ms: int | None = None) -> int:

@@ -35,7 +35,7 @@ from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
-from gateway.manager import EmergencyChanged, EmergencyManager, Event
+from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
 from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
@@ -192,12 +192,10 @@ class Gateway:
         self._next_conn = 1
         self._preauth: dict[ServerConnection, Principal] = {}
         self._admin_lock = asyncio.Lock()
-        # Events held back until a change the gateway made itself is fsynced
-        # (see _publish), and the task that releases them.
-        self._held: list[Event] | None = None
-        self._holding: set[asyncio.Task[None]] = set()
         if store is not None:
             store.on_failure = self._persistence_failed(store.on_failure)
+            # A staged emergency or limits change is pushed once published.
+            store.on_published = self._publish
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
@@ -747,10 +745,11 @@ class Gateway:
         """Durable before the response and the push, in every fsync mode.
 
         The response follows the push (see ``Flusher.barrier``).
-        Towards safety (e.g. normal -> halted) the change applies at once, so
-        validations stop before the fsync; away from safety it applies only
+        Towards safety (e.g. normal -> halted) the change is enforced at once,
+        so validations stop before the fsync; away from safety it applies only
         once durable, so a crash can never leave the gateway more open than
-        what was acknowledged.
+        what was acknowledged. Either way the EMERGENCY document, its version
+        and the push change only once the record is durable (``stage``).
         """
         manager = self.manager
         async with self._admin_lock:
@@ -758,24 +757,15 @@ class Gateway:
             if record is None:
                 return manager.emergency_view()
             log.warning(
-                "emergency change by %s: %s %s -> %s (%s)",
+                "emergency change by %s: %s %s -> %s (%s), version %d",
                 actor,
                 "gateway" if params.account is None else f"account {params.account}",
                 manager.mode_of(params.account).value,
                 params.mode.value,
                 params.reason,
+                record["v"],
             )
-            if manager.is_tightening(record):
-                manager.apply_record(record)
-                events = manager.drain_events()
-                seq = self._commit()
-                await self._synced(seq)
-            else:
-                seq = self._append(record)
-                await self._synced(seq)
-                manager.apply_committed(record)
-                events = manager.drain_events()
-            self._publish_events(events)
+            await self._stage_durably(record)
             view = manager.emergency_view()
             # Answer once every subscriber that keeps up has been handed the
             # push (written in slices between other requests): the admin's
@@ -801,10 +791,7 @@ class Gateway:
                     if current.get(key) != value
                 ),
             )
-            seq = self._append(record)
-            await self._synced(seq)
-            manager.apply_committed(record)
-            self._publish()
+            await self._stage_durably(record)
             return manager.limits_view()
 
     async def reload_limits(self, limits: Limits, actor: str = "config") -> bool:
@@ -816,10 +803,7 @@ class Gateway:
             )
             if record is None:
                 return False
-            seq = self._append(record)
-            await self._synced(seq)
-            manager.apply_committed(record)
-            self._publish()
+            await self._stage_durably(record)
             return True
 
     def _state(self, principal: Principal, params: StateGet) -> dict[str, Any]:
@@ -871,14 +855,17 @@ class Gateway:
             return 0
         return self.store.journal.last_seq
 
-    def _append(self, record: dict[str, Any]) -> int:
-        if self.store is None or self.store.journal is None:
-            return 0
-        return self.store.journal.append(record)
+    async def _stage_durably(self, record: dict[str, Any]) -> None:
+        """Stage an emergency or limits record and return once it is published
+        (fsynced first, in every fsync mode); its events are pushed by then.
 
-    async def _synced(self, seq: int) -> None:
+        Raises ``PersistenceError`` when it cannot be made durable.
+        """
+        self.manager.stage(record)
+        seq = self._commit()
         if self.store is not None:
             await self.store.synced(seq)
+        self._publish()
 
     def _persistence_failed(
         self, then: Callable[[PersistenceError], None] | None
@@ -895,17 +882,14 @@ class Gateway:
     def _publish(self) -> None:
         """Hand the manager's events to the fan-out.
 
-        An emergency change the gateway made itself (its own reducing or
-        halted, from a request's side effects) is pushed only once its record
-        is fsynced, like an admin's: these events, and any published after
-        them, are held until then, so the order of the pushes is kept.
+        An emergency change is among them only once its record is durable
+        (the manager publishes staged changes then, see ``Store.commit``), so
+        nothing is pushed about a change a crash could still undo.
         """
         events = self.manager.drain_events()
         if events:
-            own_change = False
             for event in events:
-                if type(event) is EmergencyChanged:  # the gateway's own (admins' are logged)
-                    own_change = True
+                if type(event) is EmergencyChanged and event.view["actor"] == GATEWAY_ACTOR:
                     view = event.view
                     log.warning(
                         "emergency change by %s: gateway %s (%s), version %d",
@@ -914,31 +898,7 @@ class Gateway:
                         view["reason"],
                         view["version"],
                     )
-            seq = self._last_seq() if own_change and self._held is None else 0
-            journal = self.store.journal if self.store is not None else None
-            if seq and journal is not None and journal.synced_seq < seq:
-                self._held = []
-                task = asyncio.get_running_loop().create_task(self._release_held(seq))
-                self._holding.add(task)
-                task.add_done_callback(self._holding.discard)
-            self._publish_events(events)
-
-    def _publish_events(self, events: list[Event]) -> None:
-        if self._held is not None:
-            self._held.extend(events)
-        else:
             self.fanout.publish(events)
-
-    async def _release_held(self, seq: int) -> None:
-        try:
-            await self._synced(seq)
-        except Exception:
-            # A failed journal halts the gateway; what was held is pushed anyway.
-            log.debug("held events released after a persistence failure")
-        finally:
-            held, self._held = self._held, None
-            if held:
-                self.fanout.publish(held)
 
 
 def _forbidden(principal: Principal, method: str) -> ProtocolError:

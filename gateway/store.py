@@ -14,6 +14,7 @@ returns the sequence number to wait on before answering.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from protocol.codes import AlertCode, AlertLevel
 log = logging.getLogger("gateway.store")
 
 FsyncPolicy = str
+# Record types that are staged (published once durable): emergency and limits.
+_STAGED_TYPES = frozenset({"emg", "lim"})
 
 
 class Store:
@@ -57,6 +60,9 @@ class Store:
         self.snapshot_every = snapshot_every
         #: Called (on the loop) after a journal failure halted the manager.
         self.on_failure = on_failure
+        #: Called (on the loop) after staged changes were published, so their
+        #: events can be handed on (the server's fan-out).
+        self.on_published: Callable[[], None] | None = None
         self._on_batch = on_batch
         self._lock: StateLock | None = None
         self.journal: Journal | None = None
@@ -71,6 +77,8 @@ class Store:
         """
         started = time.perf_counter()
         self._lock = lock_state_dir(self.state_dir)
+        # Emergency and limits changes wait for their records to be durable.
+        self.manager.defer_publication()
         recovered = recover(self.state_dir, repair=True)
         manager = self.manager
         if recovered.snapshot is not None:
@@ -124,7 +132,10 @@ class Store:
 
     def _failed(self, error: PersistenceError) -> None:
         log.critical("persistence failed: %s", error)
-        self.manager.force_halt(f"persistence failure: {error}")
+        # The staged changes can never become durable; the halt cannot be
+        # written either, so it is held in memory only.
+        self.manager.discard_staged()
+        self.manager.force_halt(f"persistence failure: {error}", durable=False)
         self.manager.raise_alert(
             AlertLevel.CRITICAL,
             AlertCode.PERSISTENCE_FAILURE,
@@ -144,7 +155,8 @@ class Store:
 
         Raises ``PersistenceError`` when the journal has failed.
         """
-        records = self.manager.drain_records()
+        manager = self.manager
+        records = manager.drain_records()
         journal = self.journal
         if journal is None:
             return 0
@@ -152,7 +164,17 @@ class Store:
         append = journal.append
         for rec in records:
             seq = append(rec)
+            if rec["t"] in _STAGED_TYPES and manager.is_staged(rec):
+                journal.when_synced(seq, functools.partial(self._staged_synced, rec))
         return seq
+
+    def _staged_synced(self, record: dict[str, Any], error: PersistenceError | None) -> None:
+        """A staged change's record is fsynced (or never will be): publish it."""
+        if error is not None:
+            return  # the failure discards every staged change (_failed)
+        self.manager.publish(record)
+        if self.on_published is not None:
+            self.on_published()
 
     async def durable(self, seq: int) -> None:
         if seq and self.journal is not None:

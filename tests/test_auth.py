@@ -211,8 +211,8 @@ def test_ensure_default_tokens_when_file_is_invalid_then_config_error_names_file
         ensure_default_tokens(tmp_path)
 
     assert str(info.value) == (
-        f'{tmp_path / TOKENS_FILE}: tokens[0].role: expected one of "trader", "viewer", "feed", "admin",'
-        ' got "boss"'
+        f"{tmp_path / TOKENS_FILE}: tokens[0].role: expected one of "
+        '"trader", "viewer", "feed", "admin", got "boss"'
     )
 
 

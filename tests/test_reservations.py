@@ -253,7 +253,11 @@ async def test_gateway_own_emergency_change_when_not_yet_fsynced_then_not_pushed
     # made at the update would already be here.
     assert (await asyncio.wait_for(client.unmatched.get(), 10))["id"] == 202
     assert client.channel("emergency").empty()
-    assert gw.gateway.manager.gateway_mode.mode.value == "reducing"  # in effect already
+    # In effect for validations already, though not published.
+    buy = {"account": "A2", "symbol": "X", "side": "buy", "qty": "1", "price": "1"}
+    decision = await client.ok("order.validate", buy)
+    assert "REDUCE_ONLY" in [r["code"] for r in decision["reasons"]]
+    assert (await client.ok("emergency.get"))["mode"] == "normal"
     gate.set()
     push = await client.next_push("emergency", timeout=10)
     assert push["data"]["mode"] == "reducing"
