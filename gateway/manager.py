@@ -943,10 +943,12 @@ class EmergencyManager:
         if heap and heap[0][0] <= now:
             self._expire_due(now)
         account = order.account
-        if order.reserve and order.client_order_id is not None:
+        if order.client_order_id is not None:
             rid = self._by_client_order.get((account, order.client_order_id))
             if rid is not None:
-                again = dict(self.reservations[rid].decision)
+                live = self.reservations[rid]
+                _require_same_order(live, order)
+                again = dict(live.decision)
                 again["exposure"] = self._exposure_summary(self.accounts[account])
                 return again
         book = self.accounts.get(account)
@@ -1479,6 +1481,31 @@ class EmergencyManager:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _require_same_order(live: Reservation, order: OrderValidate) -> None:
+    """A repeat of a live ``client_order_id`` must be the same order; any other
+    order under that id is refused (``CONFLICT`` naming the field), since it
+    would be answered with a decision made for another order."""
+    differs: tuple[str, str, str] | None = None
+    if order.symbol != live.symbol:
+        differs = ("symbol", order.symbol, live.symbol)
+    elif order.side != live.side:
+        differs = ("side", order.side, live.side)
+    elif order.qty != live.qty:
+        differs = ("qty", fmt(order.qty), fmt(live.qty))
+    elif order.price != live.price:
+        differs = ("price", fmt(order.price), fmt(live.price))
+    elif not order.reserve:
+        differs = ("reserve", "false", "true")
+    if differs is not None:
+        field, given, held = differs
+        raise ProtocolError(
+            ErrorCode.CONFLICT,
+            f"params.client_order_id {live.client_order_id} belongs to live reservation "
+            f"{live.id} of another order: params.{field} is {given}, the reserved order's "
+            f"is {held}; use a new client_order_id",
+        )
 
 
 def _mode_to_record(state: ModeState) -> dict[str, Any]:

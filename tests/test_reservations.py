@@ -59,6 +59,42 @@ async def test_reserve_when_client_order_id_repeated_then_same_reservation(
     assert state["accounts"]["A1"]["reserved_exposure"] == "200"
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("qty", "50"), ("price", "101"), ("side", "sell"), ("symbol", "Y"), ("reserve", False)],
+)
+async def test_reserve_when_live_client_order_id_reused_for_another_order_then_conflict(
+    make_gateway: GatewayFactory, field: str, value: object
+) -> None:
+    # Reusing a live client_order_id for any other order must never answer the
+    # first order's accept: that order was not checked (here qty 50 is over
+    # max_order_qty 10). Nothing is reserved either.
+    gw = await make_gateway(limits={"max_order_qty": "10"})
+    trader = await gw.client(TRADER)
+    params = {**BUY, "qty": "2", "reserve": True, "client_order_id": "X"}
+    first = await trader.ok("order.validate", params)
+    assert first["decision"] == "accept"
+    before = await trader.ok("state.get", {"account": "A1"})
+    error = await trader.error("order.validate", {**params, field: value})
+    assert error["code"] == "CONFLICT", error
+    assert "client_order_id X" in error["message"] and f"params.{field}" in error["message"]
+    assert await trader.ok("state.get", {"account": "A1"}) == before
+    # The identical repeat still returns the first decision.
+    again = await trader.ok("order.validate", params)
+    assert again["reservation_id"] == first["reservation_id"]
+
+
+async def test_reserve_when_client_order_id_reused_with_equal_decimal_then_same_reservation(
+    gw: RunningGateway,
+) -> None:
+    # "2" and "2.00" are the same quantity: the same order, not another one.
+    trader = await gw.client(TRADER)
+    params = {**BUY, "qty": "2", "reserve": True, "client_order_id": "X"}
+    first = await trader.ok("order.validate", params)
+    again = await trader.ok("order.validate", {**params, "qty": "2.00", "price": 100})
+    assert again["reservation_id"] == first["reservation_id"]
+
+
 async def test_position_update_when_naming_reservation_then_fill_replaces_hold(
     gw: RunningGateway,
 ) -> None:
