@@ -892,13 +892,14 @@ class GatewayClient:
         return False
 
     def _jumps_expected(self, channel: str) -> bool:
-        # A trader sees only its accounts' exposure pushes of a shared seq.
+        # A trader sees only its accounts' exposure pushes of a shared seq, and
+        # no alert about another account or about a connection.
         hello = self._hello or {}
-        return (
-            channel == Channel.EXPOSURE.value
-            and hello.get("role") == Role.TRADER.value
-            and "*" not in (hello.get("accounts") or ())
-        )
+        if hello.get("role") != Role.TRADER.value:
+            return False
+        if channel == Channel.ALERTS.value:
+            return True
+        return channel == Channel.EXPOSURE.value and "*" not in (hello.get("accounts") or ())
 
     def _check_heartbeat(self, data: JSONObject) -> None:
         seqs = data.get("seqs")

@@ -6,7 +6,8 @@ disk, and no token ever appears in a log line or an exception.
 
 Roles (docs/protocol.md section 4): a ``trader`` reads and trades only the
 accounts its token lists (``"*"`` for every account), a ``viewer`` reads every
-account and changes nothing, an ``admin`` does everything.
+account and changes nothing, a ``feed`` publishes reference prices and is
+otherwise a viewer, an ``admin`` does everything.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hmac
 import os
 import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -69,8 +70,19 @@ class Principal:
 
     @property
     def can_write(self) -> bool:
-        """May call state-changing methods at all (trader or admin)."""
+        """May call some state-changing method (trader, feed or admin)."""
         return self.role is not Role.VIEWER
+
+    @property
+    def publishes_prices(self) -> bool:
+        """May set reference prices with ``price.update`` (feed or admin)."""
+        return self.role is Role.FEED or self.role is Role.ADMIN
+
+    @property
+    def readable(self) -> Callable[[str], bool] | None:
+        """``may_read_account`` where it filters anything, else None (the
+        principal reads every account): the argument views filter with."""
+        return None if self.reads_every_account else self.may_read_account
 
     @property
     def reads_every_account(self) -> bool:
@@ -146,6 +158,7 @@ class TokenStore:
 _DEFAULT_ROLES: Final = (
     ("admin", Role.ADMIN, ()),
     ("viewer", Role.VIEWER, ()),
+    ("feed", Role.FEED, ()),
     ("trader", Role.TRADER, (ALL_ACCOUNTS,)),
 )
 

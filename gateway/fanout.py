@@ -75,6 +75,7 @@ from gateway.manager import (
     EmergencyManager,
     Event,
     ExposureChanged,
+    filter_emergency,
 )
 from protocol.codec import encode_push
 from protocol.codes import AlertCode, AlertLevel, Channel, CloseCode, ErrorCode, Role
@@ -99,6 +100,13 @@ _PERMANENT = frozenset({Channel.EMERGENCY, Channel.HEARTBEAT})
 _OPTIONAL = (Channel.ALERTS, Channel.EXPOSURE, Channel.DECISIONS)
 # How long an evicted client gets to complete the closing handshake.
 EVICTION_CLOSE_TIMEOUT_S = 1.0
+# Who may see a seq'd event: None (everyone on the channel), an account name
+# (whoever may read that account), or this, which is no account name (names
+# are [A-Za-z0-9._:/-]): staff only, never a trader (alerts about a connection).
+STAFF_ONLY = "\x00staff"
+# Alerts kept for the snapshot: a trader's snapshot holds the last 100 it may
+# see, found among the most recent of these.
+ALERT_HISTORY = 1000
 
 # Close tasks of evicted connections: held here so they are not collected
 # before they have aborted the transport.
@@ -555,15 +563,17 @@ class Fanout:
         self.coalesce_ms = coalesce_ms
         self._clock = clock
         self._seq: dict[Channel, int] = dict.fromkeys(SEQ_CHANNELS, 0)
-        # (seq, frame, account or None) of the last events, for resume.
-        # (seq, frame or None, account or None, data) of the last events, for
-        # resume. An event nobody was subscribed to live is kept unencoded
-        # (frame None) and encoded only if a resume asks for it: with no live
-        # ``decisions`` subscriber, a validation costs no encoding.
+        # (seq, frame or None, audience, data) of the last events, for resume
+        # (audience: who may see it, see STAFF_ONLY). An event nobody was
+        # subscribed to live is kept unencoded (frame None) and encoded only if
+        # a resume asks for it: with no live ``decisions`` subscriber, a
+        # validation costs no encoding.
         self._buffers: dict[
             Channel, deque[tuple[int, bytes | None, str | None, dict[str, Any]]]
         ] = {channel: deque(maxlen=buffer_size) for channel in SEQ_CHANNELS}
-        self._alerts: deque[dict[str, Any]] = deque(maxlen=history)
+        self.history = history
+        # (alert, audience) of the last ALERT_HISTORY alerts.
+        self._alerts: deque[tuple[dict[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
         self._decisions: deque[dict[str, Any]] = deque(maxlen=history)
         self._members: dict[int, _Member] = {}
         self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
@@ -692,8 +702,10 @@ class Fanout:
                 if isinstance(event, EmergencyChanged):
                     self._emit(Channel.EMERGENCY, event.view)
                 elif isinstance(event, AlertRaised):
-                    self._alerts.append(event.alert)
-                    self._emit(Channel.ALERTS, event.alert)
+                    alert = event.alert
+                    audience = alert.get("account") if event.for_traders else STAFF_ONLY
+                    self._alerts.append((alert, audience))
+                    self._emit(Channel.ALERTS, alert, audience)
                 elif isinstance(event, DecisionMade):
                     self._decisions.append(event.data)
                     self._emit(Channel.DECISIONS, event.data)
@@ -787,28 +799,54 @@ class Fanout:
         names = set(_PERMANENT) | member.live | set(member.pending)
         return [channel.value for channel in Channel if channel in names]
 
-    def _emit(self, channel: Channel, data: dict[str, Any], account: str | None = None) -> None:
+    def _emit(self, channel: Channel, data: dict[str, Any], audience: str | None = None) -> None:
         seq = self._seq[channel] + 1
         self._seq[channel] = seq
         if channel is not Channel.EMERGENCY and not self._live[channel]:
-            self._buffers[channel].append((seq, None, account, data))
+            self._buffers[channel].append((seq, None, audience, data))
             return
         frame = encode_push(channel.value, seq, data)
-        self._buffers[channel].append((seq, frame, account, data))
+        self._buffers[channel].append((seq, frame, audience, data))
         if channel is Channel.EMERGENCY:
+            # Each trader's document lists only its own accounts: one frame
+            # per set of accounts, and the shared one for everyone else.
+            filtered: dict[frozenset[str], bytes] = {}
             for member in list(self._members.values()):
-                member.sub.outbox.push(frame, priority=True, defer=True)
+                wire = frame
+                if not member.reads_every_account and data["accounts"]:
+                    wire = self._emergency_frame(member, seq, data, filtered)
+                member.sub.outbox.push(wire, priority=True, defer=True)
             return
         for member in list(self._live[channel].values()):
-            if account is None or self._may_read(member, channel, account):
+            if audience is None or self._may_see(member, audience):
                 member.sub.outbox.push(frame, droppable=True, defer=True)
 
     @staticmethod
-    def _may_read(member: _Member, channel: Channel, account: str) -> bool:
-        # Only exposure is per account; decisions are for roles that read all.
-        if channel is not Channel.EXPOSURE or member.reads_every_account:
-            return True
-        return member.sub.principal.may_read_account(account)
+    def _may_see(member: _Member, audience: str) -> bool:
+        """Whether ``member`` may see an event for ``audience`` (not None)."""
+        if audience == STAFF_ONLY:
+            return member.sub.principal.role is not Role.TRADER
+        return member.reads_every_account or member.sub.principal.may_read_account(audience)
+
+    def _emergency_frame(
+        self,
+        member: _Member,
+        seq: int,
+        data: dict[str, Any],
+        cache: dict[frozenset[str], bytes] | None = None,
+        *,
+        snapshot: bool = False,
+    ) -> bytes:
+        """The EMERGENCY push ``data`` as a trader sees it: its own accounts only."""
+        principal = member.sub.principal
+        key = principal.accounts
+        if cache is not None and key in cache:
+            return cache[key]
+        view = filter_emergency(data, principal.may_read_account)
+        wire = encode_push(Channel.EMERGENCY.value, seq, view, snapshot=snapshot)
+        if cache is not None:
+            cache[key] = wire
+        return wire
 
     def _replay(self, member: _Member, channel: Channel, resume: int) -> bool:
         """Queue the events after ``resume``; False when the buffer lacks some."""
@@ -824,26 +862,39 @@ class Fanout:
         priority = channel is Channel.EMERGENCY
         start = resume + 1 - buffer[0][0]
         for index in range(start, len(buffer)):
-            seq, frame, account, data = buffer[index]
-            if account is None or self._may_read(member, channel, account):
+            seq, frame, audience, data = buffer[index]
+            if audience is None or self._may_see(member, audience):
                 if frame is None:
                     frame = encode_push(channel.value, seq, data)
-                    buffer[index] = (seq, frame, account, data)
+                    buffer[index] = (seq, frame, audience, data)
+                if priority and not member.reads_every_account and data["accounts"]:
+                    frame = self._emergency_frame(member, seq, data)
                 outbox.push(frame, priority=priority, droppable=not priority)
         return True
 
     def _send_snapshot(self, member: _Member, channel: Channel) -> None:
         data: dict[str, Any]
         if channel is Channel.EMERGENCY:
-            data = self.manager.emergency_view()
+            data = self.manager.emergency_view(member.sub.principal.readable)
         elif channel is Channel.ALERTS:
-            data = {"alerts": list(self._alerts)}
+            data = {"alerts": self._visible_alerts(member)}
         elif channel is Channel.DECISIONS:
             data = {"decisions": list(self._decisions)}
         else:
             data = self._exposure_snapshot(member)
         frame = encode_push(channel.value, self._seq[channel], data, snapshot=True)
         member.sub.outbox.push(frame, priority=channel is Channel.EMERGENCY)
+
+    def _visible_alerts(self, member: _Member) -> list[dict[str, Any]]:
+        """The last ``history`` alerts ``member`` may see, oldest first."""
+        visible: list[dict[str, Any]] = []
+        for alert, audience in reversed(self._alerts):
+            if audience is None or self._may_see(member, audience):
+                visible.append(alert)
+                if len(visible) == self.history:
+                    break
+        visible.reverse()
+        return visible
 
     def _exposure_snapshot(self, member: _Member) -> dict[str, Any]:
         manager = self.manager
@@ -912,8 +963,9 @@ class Fanout:
                         "message": message,
                         "ts": format_time_ms(self._clock()),
                     }
-                    self._alerts.append(alert)
-                    self._emit(Channel.ALERTS, alert)
+                    # About a connection: staff only, never a trader.
+                    self._alerts.append((alert, STAFF_ONLY))
+                    self._emit(Channel.ALERTS, alert, STAFF_ONLY)
         finally:
             self._depth -= 1
 

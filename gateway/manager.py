@@ -28,6 +28,7 @@ from __future__ import annotations
 import decimal
 import functools
 import heapq
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,12 +198,21 @@ class Reservation:
 # Events for the fan-out. They carry wire-ready data.
 @dataclass(frozen=True, slots=True)
 class EmergencyChanged:
+    """The whole EMERGENCY document after a change (``view``), and who changed
+    what: ``account`` is the scope changed (None: gateway-wide)."""
+
     view: dict[str, Any]
+    account: str | None = None
+    actor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AlertRaised:
+    """An alert; ``alert.get("account")`` names the account it is about.
+    ``for_traders`` False: about a connection, never shown to a trader."""
+
     alert: dict[str, Any]
+    for_traders: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +234,8 @@ class EmergencyManager:
     ``config`` is the original embedding API's dict (``max_exposure``,
     ``emergency_state_file``, any ``[limits]`` key, ``fsync``); the server
     passes ``limits`` instead. ``rules`` are extra checks run after the built-in
-    ones. ``clock`` returns milliseconds since the epoch.
+    ones. ``clock`` returns milliseconds since the epoch. ``reservation_ids``
+    makes a new reservation id (default: random, see ``_random_reservation_id``).
     """
 
     def __init__(
@@ -235,6 +246,7 @@ class EmergencyManager:
         rules: Sequence[Rule] = (),
         risk_manager: Any = None,
         clock: Callable[[], int] | None = None,
+        reservation_ids: Callable[[], str] | None = None,
     ) -> None:
         import time
 
@@ -261,7 +273,7 @@ class EmergencyManager:
         self.reservations: dict[str, Reservation] = {}
         self._by_client_order: dict[tuple[str, str], str] = {}
         self._expiry_heap: list[tuple[int, str]] = []
-        self._next_reservation = 1
+        self._new_reservation_id = reservation_ids or _random_reservation_id
         self._gateway_breached = False
         self._gateway_warned = False
         self._records: list[dict[str, Any]] = []
@@ -319,6 +331,7 @@ class EmergencyManager:
         *,
         account: str | None = None,
         symbol: str | None = None,
+        for_traders: bool = True,
     ) -> None:
         if self._replaying:
             return
@@ -328,7 +341,7 @@ class EmergencyManager:
         if symbol is not None:
             alert["symbol"] = symbol
         alert["ts"] = format_time_ms(now_ms)
-        self._events.append(AlertRaised(alert))
+        self._events.append(AlertRaised(alert, for_traders))
 
     def raise_alert(
         self,
@@ -338,9 +351,16 @@ class EmergencyManager:
         *,
         account: str | None = None,
         now_ms: int | None = None,
+        for_traders: bool = True,
     ) -> None:
-        """Queue an alert raised outside the manager (by the server or journal)."""
-        self._alert(level, code, message, self._now(now_ms), account=account)
+        """Queue an alert raised outside the manager (by the server or journal).
+
+        ``account``: the account it is about (traders of other accounts never
+        see it); ``for_traders`` False: about a connection, for staff only.
+        """
+        self._alert(
+            level, code, message, self._now(now_ms), account=account, for_traders=for_traders
+        )
 
     def _now(self, now_ms: int | None) -> int:
         return self._clock() if now_ms is None else now_ms
@@ -356,15 +376,21 @@ class EmergencyManager:
     # its scope), one away from safety only once published. A manager that no
     # store owns (a library host, the tests) publishes at once.
 
-    def emergency_view(self) -> dict[str, Any]:
-        """The EMERGENCY object of the protocol (cached until the next change)."""
+    def emergency_view(self, readable: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """The EMERGENCY object of the protocol (cached until the next change).
+
+        ``readable``: which accounts the reader may see (a trader's own);
+        ``accounts`` then lists only those.
+        """
         view = self._emergency_view
         if view is None:
             view = self.gateway_mode.to_wire()
             view["version"] = self.emergency_version
             view["accounts"] = {a: s.to_wire() for a, s in sorted(self.account_modes.items())}
             self._emergency_view = view
-        return view
+        if readable is None:
+            return view
+        return filter_emergency(view, readable)
 
     def mode_of(self, account: str | None) -> Mode:
         """The published mode of the gateway (``None``) or of one account."""
@@ -525,7 +551,7 @@ class EmergencyManager:
         if self._replaying:
             return
         view = self.emergency_view()
-        self._event(EmergencyChanged(view))
+        self._event(EmergencyChanged(view, account, state.actor))
         scope = "gateway" if account is None else f"account {account}"
         level = (
             AlertLevel.CRITICAL
@@ -698,17 +724,22 @@ class EmergencyManager:
     def update_position(self, u: PositionUpdate, now_ms: int | None = None) -> dict[str, Any]:
         """``position.update``: set the absolute position. Never rejected for risk.
 
-        Raises ``ProtocolError(BAD_REQUEST)`` only when ``release`` names a
-        reservation of another account.
+        Raises ``ProtocolError(BAD_REQUEST)`` when ``release`` does not name a
+        live reservation of the same account and symbol (unknown, expired,
+        another symbol's or another account's: one wording for all, so it
+        tells nothing about other accounts); nothing changes then.
         """
         now = self._now(now_ms)
         self._expire_due(now)
         released: bool | None = None
         if u.release is not None:
             res = self.reservations.get(u.release)
-            if res is not None and res.account != u.account:
-                raise bad_request(f"params.release {u.release} is a reservation of another account")
-            released = res is not None
+            if res is None or res.account != u.account or res.symbol != u.symbol:
+                raise bad_request(
+                    f"params.release {u.release} is not a live reservation of account "
+                    f"{u.account} in {u.symbol}"
+                )
+            released = True
         rec: dict[str, Any] = {
             "t": "pos",
             "a": u.account,
@@ -775,7 +806,6 @@ class EmergencyManager:
                 self._reprice_due.append((book, sym))
         else:
             self._reprice(book, sym)
-        self.reference_prices[rec["s"]] = price
         if not self._replaying:  # _record and _event, without building what replay drops
             if not self._committed:
                 self._records.append(rec)  # type: ignore[arg-type]
@@ -816,7 +846,6 @@ class EmergencyManager:
             sym.mark = _d(price)
             sym.reported = True
             self._reprice(book, sym)
-            self.reference_prices[symbol] = sym.mark
         for symbol, sym in list(book.positions.items()):
             if symbol in named:
                 continue
@@ -866,9 +895,6 @@ class EmergencyManager:
         if res.client_order_id is not None:
             self._by_client_order[(res.account, res.client_order_id)] = res.id
         heapq.heappush(self._expiry_heap, (res.expires_ms, res.id))
-        number = int(res.id[1:]) if res.id[1:].isdigit() else 0
-        if number >= self._next_reservation:
-            self._next_reservation = number + 1
 
     def _drop_reservation(self, res: Reservation) -> None:
         del self.reservations[res.id]
@@ -960,12 +986,17 @@ class EmergencyManager:
         while recent[0] <= horizon:
             recent.popleft()
         sym = book.positions.get(order.symbol)
+        reference = self.reference_prices.get(order.symbol)
         if sym is None:
             p = b = s = ZERO
             worst_now = ZERO
         else:
             p, b, s = sym.qty, sym.reserved_buy, sym.reserved_sell
             worst_now = sym.worst()
+            if reference is None and sym.reported:
+                # No feed price yet: the account's own mark is its reference
+                # (and never another account's).
+                reference = sym.mark
         qty = order.qty
         if order.side == "buy":
             long_side = abs(p + b + qty)
@@ -995,7 +1026,7 @@ class EmergencyManager:
             account_mode=self._enforced_accounts.get(account, Mode.NORMAL),
             limits=limits,
             symbol_limits=limits.for_symbol(order.symbol),
-            reference_price=self.reference_prices.get(order.symbol),
+            reference_price=reference,
             orders_last_second=len(recent),
             stale=book.stale,
         )
@@ -1023,7 +1054,9 @@ class EmergencyManager:
             if order.client_order_id is not None:
                 rec["coid"] = order.client_order_id
             if accepted:
-                reservation_id = f"R{self._next_reservation}"
+                reservation_id = self._new_reservation_id()
+                while reservation_id in self.reservations:  # pragma: no cover - 2**-64
+                    reservation_id = self._new_reservation_id()
                 expires_ms = now + limits.reservation_ttl_ms
                 expires_at = format_time_ms(expires_ms)
                 rec["rid"] = reservation_id
@@ -1184,9 +1217,15 @@ class EmergencyManager:
     # ------------------------------------------------------------------ reads
 
     @_exact
-    def state_view(self, accounts: Iterable[str] | None = None) -> dict[str, Any]:
-        """The STATE object; ``accounts`` limits it (a trader sees only its own)."""
+    def state_view(
+        self,
+        accounts: Iterable[str] | None = None,
+        readable: Callable[[str], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The STATE object; ``accounts`` limits it (a trader sees only its own),
+        ``readable`` the accounts of its EMERGENCY document (``emergency_view``)."""
         names = sorted(self.accounts) if accounts is None else sorted(accounts)
+        emergency = self.emergency_view(readable)
         out: dict[str, Any] = {}
         for name in names:
             book = self.accounts.get(name)
@@ -1203,7 +1242,7 @@ class EmergencyManager:
                 "stale": book.stale,
             }
         return {
-            "emergency": self.emergency_view(),
+            "emergency": emergency,
             "accounts": out,
             "gross_exposure": fmt(self.gross_exposure),
             "limits_version": self.limits_version,
@@ -1286,7 +1325,6 @@ class EmergencyManager:
             apply = self._apply_record
             accounts = self.accounts
             due = self._reprice_due
-            prices = self.reference_prices
             for rec in records:
                 count += 1
                 # The common record, a position update without seq or release,
@@ -1303,12 +1341,11 @@ class EmergencyManager:
                 if sym is None:
                     sym = book.positions[symbol] = SymbolBook()
                 sym.qty = _d(rec["q"])
-                sym.mark = price = _d(rec["p"])
+                sym.mark = _d(rec["p"])
                 sym.reported = True
                 if not sym.reprice_due:
                     sym.reprice_due = True
                     due.append((book, sym))
-                prices[symbol] = price
         finally:
             self._reprice_replayed()
             self._replaying = False
@@ -1374,7 +1411,6 @@ class EmergencyManager:
                 }
                 for r in self.reservations.values()
             ],
-            "next_reservation": self._next_reservation,
             # Staged changes: in the journal up to the snapshot's seq (or about
             # to be), not yet published. Loading the snapshot publishes them,
             # so a snapshot taken while one waits for its fsync still holds it.
@@ -1422,7 +1458,6 @@ class EmergencyManager:
                 self._apply_decision(rec, decision)
         finally:
             self._replaying = False
-        self._next_reservation = max(self._next_reservation, snap["next_reservation"])
         self._staged.clear()
         self._enforce()
         self._replaying = True
@@ -1506,6 +1541,21 @@ def _require_same_order(live: Reservation, order: OrderValidate) -> None:
             f"{live.id} of another order: params.{field} is {given}, the reserved order's "
             f"is {held}; use a new client_order_id",
         )
+
+
+def filter_emergency(view: dict[str, Any], readable: Callable[[str], bool]) -> dict[str, Any]:
+    """An EMERGENCY document whose ``accounts`` lists only the readable ones
+    (``view`` itself when it lists no other)."""
+    accounts = view["accounts"]
+    if all(readable(account) for account in accounts):
+        return view
+    return {**view, "accounts": {a: s for a, s in accounts.items() if readable(a)}}
+
+
+def _random_reservation_id() -> str:
+    """``R`` and 16 random hex digits: ids tell nothing about other accounts'
+    reservations (how many, or which one comes next)."""
+    return "R" + secrets.token_hex(8)
 
 
 def _mode_to_record(state: ModeState) -> dict[str, Any]:

@@ -446,6 +446,7 @@ class Gateway:
                 AlertCode.CLIENT_DISCONNECTED,
                 f"connection {session.conn_id} of {session.principal.name} closed; "
                 f"released {released} reservation(s)",
+                for_traders=False,
             )
             self._commit()
             self._publish()
@@ -647,13 +648,13 @@ class Gateway:
                 "epoch": self.epoch,
                 **principal.to_wire(),
                 "heartbeat_s": self.config.server.heartbeat_s,
-                "emergency": self.manager.emergency_view(),
+                "emergency": self.manager.emergency_view(principal.readable),
             }
             return codec.encode_ok(request.id, result)
         if method in _TRADING:
             return self._trading(session, request, principal)
         if method == "emergency.get":
-            return codec.encode_ok(request.id, self.manager.emergency_view())
+            return codec.encode_ok(request.id, self.manager.emergency_view(principal.readable))
         if method == "emergency.set":
             assert isinstance(params, EmergencySet)
             self._require_admin(principal, method)
@@ -718,21 +719,20 @@ class Gateway:
             self._require_trading(principal, params.account)
             result = manager.snapshot_positions(params, now)
         elif isinstance(params, PriceUpdate):
-            if not (principal.role is Role.ADMIN or principal.role is Role.TRADER):
+            if not principal.publishes_prices:
                 raise _forbidden(principal, request.method)
             result = manager.update_price(params, now)
         elif isinstance(params, ReservationRelease):
-            if principal.role is Role.VIEWER:
+            if not (principal.role is Role.TRADER or principal.role is Role.ADMIN):
                 raise _forbidden(principal, request.method)
             res = manager.reservations.get(params.reservation_id)
             if res is not None and not principal.may_trade_account(res.account):
-                raise ProtocolError(
-                    ErrorCode.FORBIDDEN,
-                    f"reservation {params.reservation_id} belongs to an account "
-                    f"{principal.name} may not trade",
-                )
-            released = manager.release_reservation(params.reservation_id, "released", now)
-            result = {"released": released is not None}
+                # Answered as an unknown id: the caller learns nothing about
+                # another account's reservations.
+                result = {"released": False}
+            else:
+                released = manager.release_reservation(params.reservation_id, "released", now)
+                result = {"released": released is not None}
         else:  # pragma: no cover - _TRADING lists exactly the cases above
             raise ProtocolError(ErrorCode.UNKNOWN_METHOD, request.method)
         seq = self._commit()
@@ -817,9 +817,9 @@ class Gateway:
                     ErrorCode.FORBIDDEN,
                     f"{principal.name} may not read account {params.account}",
                 )
-            return manager.state_view([params.account])
-        if principal.role is Role.TRADER and "*" not in principal.accounts:
-            return manager.state_view(principal.accounts)
+            return manager.state_view([params.account], principal.readable)
+        if not principal.reads_every_account:
+            return manager.state_view(principal.accounts, principal.readable)
         return manager.state_view()
 
     # -------------------------------------------------------------- helpers
@@ -889,11 +889,11 @@ class Gateway:
         events = self.manager.drain_events()
         if events:
             for event in events:
-                if type(event) is EmergencyChanged and event.view["actor"] == GATEWAY_ACTOR:
+                if type(event) is EmergencyChanged and event.actor == GATEWAY_ACTOR:
                     view = event.view
                     log.warning(
                         "emergency change by %s: gateway %s (%s), version %d",
-                        view["actor"],
+                        event.actor,
                         view["mode"],
                         view["reason"],
                         view["version"],

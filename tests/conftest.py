@@ -23,8 +23,10 @@ TOKENS = {
     "viewer": ("viewer-token", Role.VIEWER, ()),
     "desk-1": ("trader-token", Role.TRADER, ("A1", "A2")),
     "desk-2": ("trader-b-token", Role.TRADER, ("B1",)),
+    "price-feed": ("feed-token", Role.FEED, ()),
 }
 ADMIN, VIEWER, TRADER, TRADER_B = "admin-token", "viewer-token", "trader-token", "trader-b-token"
+FEED = "feed-token"
 
 #: 32-character decimals (the protocol's longest) whose product needs more
 #: digits than Python's default context keeps.

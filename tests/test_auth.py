@@ -169,8 +169,8 @@ def test_ensure_default_tokens_when_no_file_then_creates_digest_only_file_and_re
     tokens, plain = ensure_default_tokens(state_dir)
 
     assert plain is not None
-    assert set(plain) == {"admin", "viewer", "trader"}
-    assert len(set(plain.values())) == 3
+    assert set(plain) == {"admin", "viewer", "feed", "trader"}
+    assert len(set(plain.values())) == 4
     path = state_dir / TOKENS_FILE
     content = path.read_bytes()
     for secret in plain.values():
@@ -179,7 +179,12 @@ def test_ensure_default_tokens_when_no_file_then_creates_digest_only_file_and_re
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in state_dir.iterdir()] == [TOKENS_FILE]
     store = TokenStore(tokens)
-    for name, role in [("admin", Role.ADMIN), ("viewer", Role.VIEWER), ("trader", Role.TRADER)]:
+    for name, role in [
+        ("admin", Role.ADMIN),
+        ("viewer", Role.VIEWER),
+        ("feed", Role.FEED),
+        ("trader", Role.TRADER),
+    ]:
         principal = store.authenticate(plain[name])
         assert principal is not None
         assert (principal.name, principal.role) == (name, role)

@@ -216,6 +216,7 @@ def emergency(version: int) -> EmergencyChanged:
             "actor": "ops",
             "since": "x",
             "version": version,
+            "accounts": {},
         }
     )
 

@@ -102,7 +102,12 @@ class ManagerMachine(RuleBasedStateMachine):
         data: st.DataObject,
     ) -> None:
         rid = None
-        own = sorted(r.id for r in self.manager.reservations.values() if r.account == account)
+        # A fill may name only a live reservation of its own account and symbol.
+        own = sorted(
+            r.id
+            for r in self.manager.reservations.values()
+            if r.account == account and r.symbol == symbol
+        )
         if release and own:
             rid = data.draw(st.sampled_from(own))
         result = self.manager.update_position(
@@ -189,25 +194,43 @@ class ManagerMachine(RuleBasedStateMachine):
         b = sym.reserved_buy if sym is not None else Decimal(0)
         s = sym.reserved_sell if sym is not None else Decimal(0)
         retry = None
-        if reserve and client_order_id is not None:
-            retry = next(
+        live = None
+        if client_order_id is not None:
+            live = next(
                 (
-                    r.id
+                    r
                     for r in m.reservations.values()
                     if r.account == account and r.client_order_id == client_order_id
                 ),
                 None,
             )
+        if live is not None:
+            same = (live.symbol, live.side, live.qty, live.price) == (symbol, side, qty, price)
+            if same and reserve:
+                retry = live.id
+        request = OrderValidate(
+            account=account,
+            symbol=symbol,
+            side=side,  # type: ignore[arg-type]
+            qty=qty,
+            price=price,
+            reserve=reserve,
+            client_order_id=client_order_id,
+        )
+        if live is not None and retry is None:
+            # Another order under a live client_order_id: refused, nothing changes.
+            snapshot = m.snapshot()
+            try:
+                m.validate(request, now, connection=connection)
+            except ProtocolError as exc:
+                assert exc.code is ErrorCode.CONFLICT
+            else:
+                raise AssertionError("another order under a live client_order_id was answered")
+            assert m.snapshot() == snapshot
+            assert not m.drain_records()
+            return
         decision = m.validate(
-            OrderValidate(
-                account=account,
-                symbol=symbol,
-                side=side,  # type: ignore[arg-type]
-                qty=qty,
-                price=price,
-                reserve=reserve,
-                client_order_id=client_order_id,
-            ),
+            request,
             now,
             connection=connection,
             cancel_on_disconnect=cancel_on_disconnect,

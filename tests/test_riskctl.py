@@ -224,7 +224,7 @@ async def test_replay_max_json_when_example_then_every_line_answered_with_mixed_
     gw: RunningGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lines = sum(1 for line in EXAMPLE.read_bytes().splitlines() if line.strip())
-    assert await riskctl(gw, TRADER, "replay", str(EXAMPLE), "--max", "--json") == 0
+    assert await riskctl(gw, ADMIN, "replay", str(EXAMPLE), "--max", "--json") == 0
     report = orjson.loads(capsys.readouterr().out)
     assert report["sent"] == lines
     assert report["ok"] + sum(report["errors"].values()) == report["sent"]
@@ -243,20 +243,20 @@ async def test_replay_expect_when_one_decision_changed_then_exit_1_naming_the_id
     second = await make_gateway(persistence=fast)
     recorded = tmp_path / "decisions.ndjson"
     args = ("replay", str(EXAMPLE), "--max", "--json", "--record-decisions", str(recorded))
-    assert await riskctl(first, TRADER, *args) == 0
+    assert await riskctl(first, ADMIN, *args) == 0
     capsys.readouterr()
     expectations = [orjson.loads(line) for line in recorded.read_bytes().splitlines()]
     assert len(expectations) == 1000
     # The same file on another gateway, at another pace, decides the same.
     args = ("replay", str(EXAMPLE), "--speed", "50", "--expect", str(recorded))
-    assert await riskctl(second, TRADER, *args) == 0
+    assert await riskctl(second, ADMIN, *args) == 0
     assert "all 1000 expected decisions match" in capsys.readouterr().out
     changed = expectations[10]
     changed["decision"] = "reject" if changed["decision"] == "accept" else "accept"
     modified = tmp_path / "modified.ndjson"
     modified.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in expectations))
     args = ("replay", str(EXAMPLE), "--max", "--json", "--expect", str(modified))
-    assert await riskctl(second, TRADER, *args) == 1
+    assert await riskctl(second, ADMIN, *args) == 1
     captured = capsys.readouterr()
     assert orjson.loads(captured.out)["sent"] == 3000
     assert "1 decision(s) differ" in captured.err

@@ -285,11 +285,13 @@ def test_validate_when_no_reference_price_then_no_collar() -> None:
 
 def test_validate_when_reference_comes_from_position_update_then_collar_uses_it() -> None:
     m = manager({"price_collar": "0.05"})
-    position(m, 1, 200, account="A2")  # any account's mark sets the symbol's reference
+    position(m, 1, 200)  # the account's own mark is its reference while no feed price exists
     assert accepted(m.validate(order("buy", 1, 210)))
     assert reasons(m.validate(order("buy", 1, 211))) == [
         ("PRICE_COLLAR", "price 211 is more than 5% from reference 200")
     ]
+    # ... and never another account's.
+    assert accepted(m.validate(order("buy", 1, 211, account="A2")))
 
 
 def test_validate_when_price_update_follows_position_then_latest_reference_wins() -> None:

@@ -9,7 +9,7 @@ import orjson
 from gateway.cli import main as gateway_main
 from gateway.config import Limits
 from gateway.whatif import record, what_if
-from tests.conftest import TRADER, GatewayFactory
+from tests.conftest import FEED, TRADER, GatewayFactory
 
 
 async def _trade(make_gateway: GatewayFactory, state_dir: Path) -> list[str]:
@@ -17,7 +17,8 @@ async def _trade(make_gateway: GatewayFactory, state_dir: Path) -> list[str]:
     gw = await make_gateway(state_dir=state_dir, limits={"max_position": "10"})
     trader = await gw.client(TRADER)
     await trader.ok("position.update", {"account": "A1", "symbol": "X", "qty": "2", "price": "100"})
-    await trader.ok("price.update", {"symbol": "X", "price": "100"})
+    feed = await gw.client(FEED)
+    await feed.ok("price.update", {"symbol": "X", "price": "100"})
     seen = []
     for qty in ("1", "3", "5", "7", "9", "11"):
         decision = await trader.ok(

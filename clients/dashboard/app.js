@@ -304,7 +304,7 @@
   function channelsForRole() {
     const channels = ["alerts", "exposure"];
     const role = st.principal && st.principal.role;
-    if (role === "viewer" || role === "admin") channels.push("decisions");
+    if (role !== "trader") channels.push("decisions"); // viewers, feeds and admins
     return channels;
   }
 
@@ -377,7 +377,8 @@
   }
 
   function sequenceJumpsExpected(channel) {
-    return channel === "exposure" && st.principal && st.principal.role === "trader";
+    // A trader receives only its own accounts' exposure and alerts: the shared seq jumps.
+    return (channel === "exposure" || channel === "alerts") && st.principal && st.principal.role === "trader";
   }
 
   function onPush(msg) {
@@ -815,7 +816,7 @@
       $("identity-text").textContent = `${p.name} (${role})${scope}`;
     }
     $("controls").hidden = role !== "admin";
-    $("decisions-panel").hidden = !(role === "viewer" || role === "admin");
+    $("decisions-panel").hidden = !role || role === "trader";
   }
 
   function tick() {
