@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -14,7 +13,13 @@ from typing import Any
 import orjson
 
 from gateway.auth import TokenStore, ensure_default_tokens
-from gateway.config import ConfigError, GatewayConfig, load_config, with_overrides
+from gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    load_config,
+    unapplied_changes,
+    with_overrides,
+)
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager, install_risk_context
 from gateway.rules import Rule, load_rules
@@ -95,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.log_level)
+    overrides = {"host": args.host, "port": args.port, "state_dir": args.state_dir}
     try:
-        config = with_overrides(
-            load_config(args.config), host=args.host, port=args.port, state_dir=args.state_dir
-        )
+        config = with_overrides(load_config(args.config), **overrides)
         # Desk rules are imported before the risk context is installed, so
         # nothing a rule module does to the decimal context at import stays.
         rules = load_rules(config.rules)
@@ -113,12 +117,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a Linux dependency
         runner = asyncio.run
     try:
-        return int(runner(_serve(config, rules)))
+        return int(runner(_serve(config, rules, overrides)))
     except KeyboardInterrupt:  # pragma: no cover - Ctrl-C before the handler is set
         return 0
 
 
-async def _serve(config: GatewayConfig, rules: tuple[Rule, ...]) -> int:
+async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict[str, Any]) -> int:
     state_dir = config.persistence.state_dir
     try:
         if config.tokens:
@@ -167,7 +171,7 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...]) -> int:
     reloads: set[asyncio.Task[None]] = set()
 
     def reload() -> None:
-        task = asyncio.create_task(_reload(gateway, config))
+        task = asyncio.create_task(_reload(gateway, config, overrides))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -184,20 +188,30 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...]) -> int:
     return 0
 
 
-async def _reload(gateway: Gateway, config: GatewayConfig) -> None:
+async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, Any]) -> None:
+    """SIGHUP: apply the keys of the file's [limits] that changed; name every
+    other changed key, which only a restart applies; never fail silently."""
     if config.source is None:
         log.warning("SIGHUP: no config file to re-read")
         return
     try:
-        fresh = load_config(config.source)
+        fresh = with_overrides(load_config(config.source), **overrides)
     except ConfigError as exc:
         log.error("SIGHUP: keeping the current limits: %s", exc)
         return
-    with contextlib.suppress(Exception):
+    for key in unapplied_changes(config, fresh):
+        log.warning("SIGHUP: %s changed in %s; not applied until a restart", key, config.source)
+    try:
         if await gateway.reload_limits(fresh.limits, actor="config"):
             log.warning("SIGHUP: limits from %s applied", config.source)
         else:
             log.info("SIGHUP: limits unchanged")
+    except PersistenceError as exc:
+        log.error(
+            "SIGHUP: limits from %s not applied, the journal has failed: %s", config.source, exc
+        )
+    except Exception:
+        log.exception("SIGHUP: limits from %s not applied", config.source)
 
 
 # ------------------------------------------------------------------- inspect

@@ -47,6 +47,7 @@ __all__ = [
     "TokenConfig",
     "load_config",
     "load_token_file",
+    "unapplied_changes",
     "with_overrides",
 ]
 
@@ -373,6 +374,25 @@ def with_overrides(
     if state_dir is not None:
         persistence = dataclasses.replace(persistence, state_dir=Path(state_dir))
     return dataclasses.replace(cfg, server=server, persistence=persistence)
+
+
+def unapplied_changes(running: GatewayConfig, fresh: GatewayConfig) -> list[str]:
+    """The dotted keys that differ between ``running`` and ``fresh`` outside
+    ``[limits]``: what a reload (SIGHUP) reads but applies only at the next
+    start (``[server]``, ``[persistence]``, ``[[tokens]]``, ``rules``)."""
+    keys: list[str] = []
+    for section in ("server", "persistence"):
+        old, new = getattr(running, section), getattr(fresh, section)
+        keys += [
+            f"{section}.{item.name}"
+            for item in dataclasses.fields(old)
+            if getattr(old, item.name) != getattr(new, item.name)
+        ]
+    if running.tokens != fresh.tokens:
+        keys.append("tokens")
+    if running.rules != fresh.rules:
+        keys.append("rules")
+    return keys
 
 
 def load_token_file(path: Path) -> tuple[TokenConfig, ...]:

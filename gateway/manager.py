@@ -610,14 +610,63 @@ class EmergencyManager:
         return self.limits_version, self.limits, self.file_limits
 
     @_exact
+    def prepare_file_limits(
+        self, limits: Limits, actor: str = "config", now_ms: int | None = None
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, Any, Any]]]:
+        """The journal record for the config file's ``[limits]`` (start, SIGHUP).
+
+        Only the keys whose value in the file differs from the value the file
+        had when it was last applied change (per symbol for ``symbols``): a key
+        the file did not change keeps its current value, one set by
+        ``limits.set`` included. Returns the record (``None``: the file is as
+        last applied) and, for the log, ``(key, old, new)`` per key whose
+        value changes. A record that changes no value keeps the version and
+        only moves the file's baseline.
+        """
+        version, current, baseline = self._intended_limits()
+        file_wire = limits.to_wire()
+        if baseline == file_wire:
+            return None, []
+        before = baseline or {}
+        changes: dict[str, Any] = {}
+        for key, value in file_wire.items():
+            if key != "symbols":
+                if before.get(key) != value:
+                    changes[key] = value
+                continue
+            old_symbols = before.get("symbols") or {}
+            edited = {
+                symbol: value.get(symbol, {})
+                for symbol in sorted(set(old_symbols) | set(value))
+                if old_symbols.get(symbol) != value.get(symbol)
+            }
+            if edited:
+                changes["symbols"] = edited
+        new = Limits.from_mapping(changes, where="config limits", base=current)
+        current_wire = current.to_wire()
+        new_wire = new.to_wire()
+        changed = [
+            (key, current_wire[key], new_wire[key])
+            for key in new_wire
+            if new_wire[key] != current_wire[key]
+        ]
+        rec: dict[str, Any] = {
+            "t": "lim",
+            "v": version + 1 if changed else version,
+            "limits": new_wire,
+            "file": file_wire,
+            "by": actor,
+            "at": self._now(now_ms),
+        }
+        return rec, changed
+
+    @_exact
     def prepare_limits(
         self,
         version: int,
         changes: Mapping[str, Any],
         actor: str,
         now_ms: int | None = None,
-        *,
-        from_file: bool = False,
     ) -> dict[str, Any] | None:
         """The journal record for a limits change (``None`` if nothing changes).
 
@@ -626,7 +675,7 @@ class EmergencyManager:
         """
         from gateway.config import ConfigError
 
-        current_version, current, file_limits = self._intended_limits()
+        current_version, current, _file = self._intended_limits()
         if version != current_version:
             raise ProtocolError(
                 ErrorCode.CONFLICT,
@@ -640,20 +689,15 @@ class EmergencyManager:
         except ProtocolError as exc:
             raise bad_request(exc.message) from None
         wire = new.to_wire()
-        rec: dict[str, Any] = {
+        if wire == current.to_wire():
+            return None
+        return {
             "t": "lim",
             "v": current_version + 1,
             "limits": wire,
             "by": actor,
             "at": self._now(now_ms),
         }
-        if from_file:
-            rec["file"] = wire
-        if wire == current.to_wire():
-            if from_file and file_limits != wire:
-                return rec
-            return None
-        return rec
 
     @_exact
     def adopt_file_limits(self, limits: Limits, now_ms: int | None = None) -> None:
@@ -670,6 +714,7 @@ class EmergencyManager:
         self._records.append(rec)
 
     def _apply_limits(self, rec: Mapping[str, Any]) -> None:
+        changed = rec["v"] != self.limits_version
         self.limits = Limits.from_mapping(rec["limits"], where="journal limits")
         self.limits_version = rec["v"]
         if "file" in rec:
@@ -679,7 +724,7 @@ class EmergencyManager:
             fmt(self.limits.max_exposure),
         )
         self._record(dict(rec))
-        if not self._replaying:
+        if not self._replaying and changed:
             self._alert(
                 AlertLevel.WARNING,
                 AlertCode.LIMITS_CHANGED,

@@ -786,8 +786,8 @@ class Gateway:
                 actor,
                 record["v"],
                 ", ".join(
-                    f"{key} {current.get(key)} -> {value}"
-                    for key, value in sorted(record["limits"].items())
+                    f"{key} {_show_limit(current.get(key))} -> {_show_limit(value)}"
+                    for key, value in record["limits"].items()
                     if current.get(key) != value
                 ),
             )
@@ -795,16 +795,32 @@ class Gateway:
             return manager.limits_view()
 
     async def reload_limits(self, limits: Limits, actor: str = "config") -> bool:
-        """Apply the config file's [limits] (SIGHUP, or a start with an edited file)."""
+        """Apply the config file's [limits] (SIGHUP, or a start with an edited file):
+        only the keys the file changed since it was last applied (see
+        ``EmergencyManager.prepare_file_limits``), each logged with its old and
+        new value. True when a value changed.
+
+        Raises ``PersistenceError`` when the change cannot be made durable.
+        """
         manager = self.manager
         async with self._admin_lock:
-            record = manager.prepare_limits(
-                manager.limits_version, limits.to_wire(), actor, self.clock(), from_file=True
-            )
+            record, changed = manager.prepare_file_limits(limits, actor, self.clock())
             if record is None:
                 return False
+            if changed:
+                log.warning(
+                    "limits change by %s to version %d: %s",
+                    actor,
+                    record["v"],
+                    ", ".join(
+                        f"{key} {_show_limit(old)} -> {_show_limit(new)}"
+                        for key, old, new in changed
+                    ),
+                )
+            else:
+                log.info("limits from the config file: no value changes (version %d)", record["v"])
             await self._stage_durably(record)
-            return True
+            return bool(changed)
 
     def _state(self, principal: Principal, params: StateGet) -> dict[str, Any]:
         manager = self.manager
@@ -859,8 +875,12 @@ class Gateway:
         """Stage an emergency or limits record and return once it is published
         (fsynced first, in every fsync mode); its events are pushed by then.
 
-        Raises ``PersistenceError`` when it cannot be made durable.
+        Raises ``PersistenceError`` when it cannot be made durable; then
+        nothing is staged.
         """
+        failed = self.store.failed if self.store is not None else None
+        if failed is not None:
+            raise PersistenceError(str(failed))
         self.manager.stage(record)
         seq = self._commit()
         if self.store is not None:
@@ -899,6 +919,13 @@ class Gateway:
                         view["version"],
                     )
             self.fanout.publish(events)
+
+
+def _show_limit(value: Any) -> str:
+    """A limit's value for the log: decimals and numbers as they are, the rest as JSON."""
+    if isinstance(value, str | int):
+        return str(value)
+    return orjson.dumps(value).decode()
 
 
 def _forbidden(principal: Principal, method: str) -> ProtocolError:
@@ -963,8 +990,10 @@ async def start_gateway(
         manager.adopt_file_limits(config.limits)
     gateway = Gateway(config, tokens=tokens, manager=manager, store=store)
     await gateway.start()
-    if not recovered.fresh and manager.file_limits != config.limits.to_wire():
-        # The operator edited the file since its limits were last applied.
-        await gateway.reload_limits(config.limits, actor="config")
-        log.warning("limits from %s applied as version %d", config.source, manager.limits_version)
+    # The operator may have edited the file since its limits were last applied:
+    # the keys it changed apply, the others keep their current values.
+    if not recovered.fresh and await gateway.reload_limits(config.limits, actor="config"):
+        log.warning(
+            "limits edited in %s applied as version %d", config.source, manager.limits_version
+        )
     return gateway
