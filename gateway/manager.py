@@ -173,6 +173,7 @@ class AccountBook:
     seq: int | None = None
     stale: bool = False
     recent_orders: deque[int] = field(default_factory=deque)
+    reservations: int = 0  # live reservations
     warned: bool = False  # EXPOSURE_WARNING raised and not yet cleared
     breached: bool = False  # EXPOSURE_BREACH raised and not yet cleared
     # Named by a position or a reservation. A book opened only by validations
@@ -236,6 +237,9 @@ class EmergencyManager:
     passes ``limits`` instead. ``rules`` are extra checks run after the built-in
     ones. ``clock`` returns milliseconds since the epoch. ``reservation_ids``
     makes a new reservation id (default: random, see ``_random_reservation_id``).
+    ``max_symbols_per_account`` and ``max_reservations_per_account`` bound what
+    one account may hold (None: no bound); a request past them is refused
+    with ``BAD_REQUEST`` naming the cap, and changes nothing.
     """
 
     def __init__(
@@ -247,8 +251,13 @@ class EmergencyManager:
         risk_manager: Any = None,
         clock: Callable[[], int] | None = None,
         reservation_ids: Callable[[], str] | None = None,
+        max_symbols_per_account: int | None = None,
+        max_reservations_per_account: int | None = None,
     ) -> None:
         import time
+
+        self._max_symbols = max_symbols_per_account
+        self._max_reservations = max_reservations_per_account
 
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.config: dict[str, Any] = dict(config or {})
@@ -785,6 +794,15 @@ class EmergencyManager:
                     f"{u.account} in {u.symbol}"
                 )
             released = True
+        cap = self._max_symbols
+        if cap is not None:
+            book = self.accounts.get(u.account)
+            if book is not None and u.symbol not in book.positions and len(book.positions) >= cap:
+                raise bad_request(
+                    f"account {u.account} holds positions or reservations in {cap} symbols, "
+                    f"the limit (server.max_symbols_per_account); params.symbol {u.symbol} "
+                    "would be one more"
+                )
         rec: dict[str, Any] = {
             "t": "pos",
             "a": u.account,
@@ -858,39 +876,70 @@ class EmergencyManager:
 
     @_exact
     def snapshot_positions(self, s: PositionSnapshot, now_ms: int | None = None) -> dict[str, Any]:
-        """``position.snapshot``: replace every position of the account, clear stale."""
+        """``position.snapshot``: replace every position of the account, clear stale.
+
+        Raises ``ProtocolError(BAD_REQUEST)`` naming the cap when the account
+        would hold more than ``max_symbols_per_account`` symbols (those named
+        and those its live reservations hold); nothing changes then.
+        """
         now = self._now(now_ms)
         self._expire_due(now)
-        rec: dict[str, Any] = {
-            "t": "psnap",
-            "a": s.account,
-            "pos": [[e.symbol, fmt(e.qty), fmt(e.price)] for e in s.positions],
-            "ts": now,
-        }
+        cap = self._max_symbols
+        if cap is not None and len(s.positions) > cap - self._reserved_only(s):
+            raise bad_request(
+                f"params.positions would give account {s.account} positions or reservations "
+                f"in more than {cap} symbols, the limit (server.max_symbols_per_account)"
+            )
+        entries = [(e.symbol, e.qty, e.price) for e in s.positions]
+        wire = [[symbol, fmt(qty), fmt(price)] for symbol, qty, price in entries]
+        rec: dict[str, Any] = {"t": "psnap", "a": s.account, "pos": wire, "ts": now}
         if s.seq is not None:
             rec["seq"] = s.seq
-        self._apply_position_snapshot(rec)
+        self._apply_position_snapshot(rec, entries)
         book = self.accounts[s.account]
         self._check_thresholds(s.account, now, allow_auto_reduce=True)
         return {
             "account": s.account,
-            "positions": [{"symbol": e[0], "qty": e[1], "price": e[2]} for e in rec["pos"]],
+            "positions": [{"symbol": e[0], "qty": e[1], "price": e[2]} for e in wire],
             "exposure": fmt(book.gross),
         }
 
-    def _apply_position_snapshot(self, rec: Mapping[str, Any]) -> None:
+    def _reserved_only(self, s: PositionSnapshot) -> int:
+        """Symbols of the account that only its live reservations will hold
+        after snapshot ``s``: they count towards its symbols too."""
+        book = self.accounts.get(s.account)
+        if book is None or not book.reservations:
+            return 0
+        named = {e.symbol for e in s.positions}
+        return sum(
+            1
+            for symbol, sym in book.positions.items()
+            if symbol not in named and (sym.reserved_buy or sym.reserved_sell)
+        )
+
+    def _apply_position_snapshot(
+        self,
+        rec: Mapping[str, Any],
+        entries: Iterable[tuple[str, Decimal, Decimal]] | None = None,
+    ) -> None:
+        """A ``psnap`` record; ``entries`` are its positions already read
+        (the live path), else they are read from the record (replay)."""
         book = self._book(rec["a"])
         book.known = True
         named = set()
-        for symbol, qty, price in rec["pos"]:
+        if entries is None:
+            entries = [(symbol, _d(qty), _d(price)) for symbol, qty, price in rec["pos"]]
+        positions = book.positions
+        reprice = self._reprice
+        for symbol, qty, price in entries:
             named.add(symbol)
-            sym = book.positions.get(symbol)
+            sym = positions.get(symbol)
             if sym is None:
-                sym = book.positions[symbol] = SymbolBook()
-            sym.qty = _d(qty)
-            sym.mark = _d(price)
+                sym = positions[symbol] = SymbolBook()
+            sym.qty = qty
+            sym.mark = price
             sym.reported = True
-            self._reprice(book, sym)
+            reprice(book, sym)
         for symbol, sym in list(book.positions.items()):
             if symbol in named:
                 continue
@@ -937,6 +986,7 @@ class EmergencyManager:
             sym.reserved_sell += res.qty
         self._reprice(book, sym)
         self.reservations[res.id] = res
+        book.reservations += 1
         if res.client_order_id is not None:
             self._by_client_order[(res.account, res.client_order_id)] = res.id
         heapq.heappush(self._expiry_heap, (res.expires_ms, res.id))
@@ -946,6 +996,7 @@ class EmergencyManager:
         if res.client_order_id is not None:
             self._by_client_order.pop((res.account, res.client_order_id), None)
         book = self.accounts[res.account]
+        book.reservations -= 1
         sym = book.positions[res.symbol]
         if res.side == "buy":
             sym.reserved_buy -= res.qty
@@ -1025,6 +1076,8 @@ class EmergencyManager:
         book = self.accounts.get(account)
         if book is None:
             book = self._book(account)
+        if order.reserve:
+            self._check_reservation_caps(book, order)
         recent = book.recent_orders
         recent.append(now)
         horizon = now - 1000
@@ -1138,6 +1191,24 @@ class EmergencyManager:
             }
             self._events.append(DecisionMade(data))
         return decision
+
+    def _check_reservation_caps(self, book: AccountBook, order: OrderValidate) -> None:
+        """``BAD_REQUEST`` naming the cap when reserving would pass
+        ``max_reservations_per_account`` or ``max_symbols_per_account``."""
+        cap = self._max_reservations
+        if cap is not None and book.reservations >= cap:
+            raise bad_request(
+                f"account {order.account} holds {book.reservations} live reservations, the "
+                "limit (server.max_reservations_per_account); release some or wait for "
+                "them to expire"
+            )
+        cap = self._max_symbols
+        if cap is not None and order.symbol not in book.positions and len(book.positions) >= cap:
+            raise bad_request(
+                f"account {order.account} holds positions or reservations in {cap} symbols, "
+                f"the limit (server.max_symbols_per_account); params.symbol {order.symbol} "
+                "would be one more"
+            )
 
     def _exposure_summary(self, book: AccountBook) -> dict[str, str]:
         return {

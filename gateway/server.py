@@ -107,6 +107,10 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: A connection whose request took longer than this yields to the others
+#: before its next frame (fairness under a flood of costly requests).
+_TURN_BUDGET_S = 0.001
+
 #: Answers held for one write while a burst of requests is handled, at most.
 ANSWER_BATCH_BYTES = 64 * 1024
 
@@ -487,6 +491,11 @@ class Gateway:
                 )
                 continue
             await self._on_frame(session, frame)
+            if time.monotonic() - now > _TURN_BUDGET_S:
+                # A costly request (a large position.snapshot or state.get):
+                # let other connections' requests in before this one's next
+                # frame, which would otherwise be read without a wait.
+                await asyncio.sleep(0)
 
     async def _on_frame(self, session: Session, frame: bytes) -> None:
         try:
@@ -975,7 +984,12 @@ async def start_gateway(
     directory whose file limits were since edited gets them as a new version.
     Raises ``StateDirLocked`` when another gateway holds the directory.
     """
-    manager = EmergencyManager(limits=config.limits, rules=rules)
+    manager = EmergencyManager(
+        limits=config.limits,
+        rules=rules,
+        max_symbols_per_account=config.server.max_symbols_per_account,
+        max_reservations_per_account=config.server.max_reservations_per_account,
+    )
     persistence = config.persistence
     store = Store(
         manager,

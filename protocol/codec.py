@@ -39,6 +39,7 @@ from protocol.messages import (
     Subscribe,
     Unsubscribe,
     new_order_validate,
+    new_position_entry,
     new_position_update,
     new_request,
 )
@@ -155,6 +156,17 @@ def _position_snapshot(m: str, raw: object) -> PositionSnapshot:
     entries: list[PositionEntry] = []
     seen: set[str] = set()
     for i, item in enumerate(positions):
+        # The common entry, all correct: checked as the careful path below
+        # would check it, without building its messages.
+        if type(item) is dict and len(item) == 3:
+            symbol = item.get("symbol")
+            if type(symbol) is str and name_match(symbol) is not None and symbol not in seen:
+                qty = _quick_decimal(item.get("qty"), False)
+                price = _quick_decimal(item.get("price"), True)
+                if qty is not None and price is not None:
+                    seen.add(symbol)
+                    entries.append(new_position_entry(symbol, qty, price))
+                    continue
         where = f"params.positions[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object, was {show(item)}")

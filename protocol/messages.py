@@ -187,6 +187,9 @@ _new = object.__new__
 _set_request_id, _set_request_method, _set_request_params = _slot_setters(
     Request, "id", "method", "params"
 )
+_set_entry_symbol, _set_entry_qty, _set_entry_price = _slot_setters(
+    PositionEntry, "symbol", "qty", "price"
+)
 
 
 def new_order_validate(
@@ -227,6 +230,15 @@ def new_position_update(
     _set_update_seq(params, seq)
     _set_update_release(params, release)
     return params
+
+
+def new_position_entry(symbol: str, qty: Decimal, price: Decimal) -> PositionEntry:
+    """``PositionEntry(...)`` of checked values, without the ``__init__`` overhead."""
+    entry: PositionEntry = _new(PositionEntry)
+    _set_entry_symbol(entry, symbol)
+    _set_entry_qty(entry, qty)
+    _set_entry_price(entry, price)
+    return entry
 
 
 def new_request(request_id: RequestId, method: str, params: Params) -> Request:
