@@ -25,6 +25,7 @@ For people embedding the manager as a library, the original API lives on:
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 import functools
 import heapq
@@ -1023,6 +1024,23 @@ class EmergencyManager:
         return res
 
     @_exact
+    def set_cancel_on_disconnect(
+        self, connection: int, enabled: bool, now_ms: int | None = None
+    ) -> int:
+        """``session.hello``'s ``cancel_on_disconnect`` for a live connection: it
+        applies to every reservation the connection made, before the hello too
+        (journaled, so recovery releases them as well). Returns how many
+        reservations changed."""
+        ids = [
+            r.id
+            for r in self.reservations.values()
+            if r.connection == connection and r.cancel_on_disconnect is not enabled
+        ]
+        if ids:
+            self._apply_record({"t": "cod", "ids": ids, "on": enabled, "ts": self._now(now_ms)})
+        return len(ids)
+
+    @_exact
     def release_connection(self, connection: int, now_ms: int | None = None) -> int:
         """Release every reservation a closed connection made with cancel_on_disconnect."""
         now = self._now(now_ms)
@@ -1416,6 +1434,13 @@ class EmergencyManager:
             self._apply_emergency(rec)
         elif kind == "lim":
             self._apply_limits(rec)
+        elif kind == "cod":
+            enabled = bool(rec["on"])
+            for rid in rec["ids"]:
+                res = self.reservations.get(rid)
+                if res is not None:
+                    self.reservations[rid] = dataclasses.replace(res, cancel_on_disconnect=enabled)
+            self._record(dict(rec))
         elif kind == "boot":
             self._record(dict(rec))
         else:

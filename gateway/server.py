@@ -651,15 +651,15 @@ class Gateway:
         if method == "session.hello":
             assert isinstance(params, SessionHello)
             session.cancel_on_disconnect = params.cancel_on_disconnect
-            result = {
-                "protocol": PROTOCOL_VERSION,
-                "server": SERVER_NAME,
-                "epoch": self.epoch,
-                **principal.to_wire(),
-                "heartbeat_s": self.config.server.heartbeat_s,
-                "emergency": self.manager.emergency_view(principal.readable),
-            }
-            return codec.encode_ok(request.id, result)
+            # Also for the reservations this connection made before the hello.
+            if self.manager.set_cancel_on_disconnect(
+                session.conn_id, params.cancel_on_disconnect, self.clock()
+            ):
+                seq = self._commit()
+                if seq:
+                    return _Durable(seq, self._hello(principal))
+            return codec.encode_ok(request.id, self._hello(principal))
+
         if method in _TRADING:
             return self._trading(session, request, principal)
         if method == "emergency.get":
@@ -692,6 +692,17 @@ class Gateway:
                 self.fanout.unsubscribe(session, params),  # type: ignore[arg-type]
             )
         raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown method {method}")
+
+    def _hello(self, principal: Principal) -> dict[str, Any]:
+        """The ``session.hello`` result."""
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "server": SERVER_NAME,
+            "epoch": self.epoch,
+            **principal.to_wire(),
+            "heartbeat_s": self.config.server.heartbeat_s,
+            "emergency": self.manager.emergency_view(principal.readable),
+        }
 
     def _validated(
         self, session: Session, params: OrderValidate, decision: dict[str, Any], took: float

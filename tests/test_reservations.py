@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+from pathlib import Path
 
 import orjson
 import pytest
 
 from gateway import journal as journal_module
+from gateway.config import Limits
+from gateway.manager import EmergencyManager
+from gateway.store import Store
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
 
 BUY = {"account": "A1", "symbol": "X", "side": "buy", "qty": "1", "price": "100"}
@@ -299,3 +304,38 @@ async def test_gateway_own_emergency_change_when_not_yet_fsynced_then_not_pushed
     assert push["data"]["mode"] == "reducing"
     assert push["data"]["actor"] == "gateway"
     assert (await asyncio.wait_for(client.unmatched.get(), 10))["id"] == 201
+
+
+async def test_cancel_on_disconnect_when_reserved_before_hello_then_released_at_close(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    # Every reservation the connection made counts, before the hello too, and
+    # it stays so across a crash (recovery releases them like a disconnect).
+    state_dir = tmp_path / "state"
+    gw = await make_gateway(state_dir=state_dir)
+    viewer = await gw.client(VIEWER)
+    await viewer.ok("subscribe", {"channels": ["alerts"]})
+    await viewer.next_push("alerts")
+    trader = await gw.client(TRADER)
+    early = await trader.ok("order.validate", {**BUY, "reserve": True})
+    await trader.ok("session.hello", {"cancel_on_disconnect": True})
+    late = await trader.ok("order.validate", {**BUY, "reserve": True})
+    assert early["decision"] == late["decision"] == "accept"
+    state = await viewer.ok("state.get", {"account": "A1"})
+    assert state["accounts"]["A1"]["reserved_exposure"] == "200"
+    # A crash now: both are released at recovery.
+    copy = tmp_path / "copy"
+    shutil.copytree(state_dir, copy)
+    (copy / "LOCK").unlink()
+    recovered = EmergencyManager(limits=Limits())
+    Store(recovered, copy).open()
+    assert recovered.reservations == {}
+    # A close: both are released, with an alert.
+    await trader.close()
+    while True:
+        alert = (await viewer.next_push("alerts", timeout=10))["data"]
+        if alert["code"] == "CLIENT_DISCONNECTED":
+            break
+    assert "released 2 reservation(s)" in alert["message"]
+    state = await viewer.ok("state.get", {"account": "A1"})
+    assert state["accounts"]["A1"]["reserved_exposure"] == "0"
