@@ -266,8 +266,8 @@ class Limits:
             key_where = _key(where, key)
             if key in _DECIMAL_LIMIT_KEYS:
                 changes[key] = _limit_decimal(value, key_where, key)
-            elif key in ("max_orders_per_second", "reservation_ttl_ms"):
-                changes[key] = _int(value, key_where, minimum=1)
+            elif key in _INT_LIMIT_MAXIMA:
+                changes[key] = _int(value, key_where, minimum=1, maximum=_INT_LIMIT_MAXIMA[key])
             elif key == "auto_reduce_on_breach":
                 changes[key] = _bool(value, key_where)
             elif key == "restricted_symbols":
@@ -286,6 +286,12 @@ class Limits:
         return dataclasses.replace(start, **changes)
 
 
+# Integer limits and their largest values: every limit is journaled, and a
+# reservation's expiry must stay a date (a year is far beyond any order).
+_INT_LIMIT_MAXIMA: Final = {
+    "max_orders_per_second": 1_000_000_000,
+    "reservation_ttl_ms": 365 * 24 * 3600 * 1000,
+}
 _DECIMAL_LIMIT_KEYS: Final = frozenset(
     {
         "max_exposure",

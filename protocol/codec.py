@@ -45,7 +45,9 @@ from protocol.messages import (
 )
 from protocol.values import (
     MAX_DECIMAL_CHARS,
+    MAX_INT,
     ZERO,
+    JsonNumber,
     decimal_string_match,
     name_match,
     parse_bool,
@@ -312,46 +314,84 @@ PARSERS: dict[str, Callable[[str, object], Params]] = {
 METHODS = frozenset(PARSERS)
 
 
+_ID_TEXT = "an integer or a string of at most 64 characters (digits, for an integer)"
+
+
 def _request_id(obj: dict[str, Any]) -> RequestId:
     if "id" not in obj:
-        raise bad_request("id is required (an integer or a string of at most 64 characters)")
+        raise bad_request(f"id is required ({_ID_TEXT})")
     rid = obj["id"]
     if isinstance(rid, bool) or not isinstance(rid, int | str):
-        raise bad_request(
-            f"id must be an integer or a string of at most 64 characters, was {show(rid)}"
-        )
+        raise bad_request(f"id must be {_ID_TEXT}, was {show(rid)}")
     if isinstance(rid, str) and len(rid) > MAX_ID_CHARS:
         raise bad_request(f"id must be at most {MAX_ID_CHARS} characters, was {len(rid)}")
     return rid
 
 
 _NOT_JSON = object()
-_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson reads as an integer
+# An integer id may have this many digits; a longer integer is kept as a
+# JsonNumber (never an int), which no field accepts as an integer.
+_MAX_INT_DIGITS = MAX_ID_CHARS
 
 
-def _wide_int(text: str) -> int | float:
-    # As orjson does: an integer outside 64 bits is read as a float (inf when huge).
-    if len(text) <= 21 and _INT_RANGE[0] <= (value := int(text)) <= _INT_RANGE[1]:
-        return value
-    return float(text)
+def _exact_int(text: str) -> int | JsonNumber:
+    digits = len(text) - (text[0] == "-")
+    return int(text) if digits <= _MAX_INT_DIGITS else JsonNumber(text)
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _loads_out_of_range_numbers(frame: bytes | str) -> Any:
-    """Re-read a frame orjson refused, for one case only: a number no double can
-    hold (``1e400``, a 10,000-digit integer). The frame is still JSON, so the
-    number becomes an infinity and the error names its field and keeps the id.
-    Anything else orjson refuses (NaN, lone surrogates, ...) stays not JSON."""
+def _loads_exact(frame: bytes | str) -> Any:
+    """Read a frame with every number exactly as written: integers as ``int``
+    (at most 64 digits, else a ``JsonNumber``), other numbers as ``JsonNumber``.
+
+    For the frames orjson would read lossily (a float, an integer past 64
+    bits, ``1e400``); ``_NOT_JSON`` where orjson would refuse the frame for
+    something else (NaN, a lone surrogate, bad UTF-8, too deep).
+    """
     try:
         text = frame if isinstance(frame, str) else bytes(frame).decode("utf-8")
-        obj = json.loads(text, parse_int=_wide_int, parse_constant=_no_constant)
-        orjson.dumps(obj)  # refuses lone surrogates, as orjson.loads did
-    except (ValueError, RecursionError, orjson.JSONEncodeError):
+        obj = json.loads(
+            text, parse_int=_exact_int, parse_float=JsonNumber, parse_constant=_no_constant
+        )
+        _check_text(obj)
+    except (ValueError, RecursionError):
         return _NOT_JSON
     return obj
+
+
+def _check_text(obj: Any) -> None:
+    """Raise ``UnicodeEncodeError`` (a ``ValueError``) for a lone surrogate in
+    any key or string: orjson refuses those, and nothing could write them."""
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            for key, value in node.items():
+                key.encode("utf-8")
+                stack.append(value)
+        elif type(node) is list:
+            stack.extend(node)
+        elif type(node) is str:
+            node.encode("utf-8")
+
+
+def _holds_float(obj: Any) -> bool:
+    """Whether orjson read a number of ``obj`` as a float (which may not be
+    the number the frame holds)."""
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is float:
+            return True
+        if kind is dict:
+            stack.extend(node.values())
+        elif kind is list:
+            stack.extend(node)
+    return False
 
 
 # Where a key ends: its closing quote, then a colon. Every key of a JSON object
@@ -480,12 +520,12 @@ def _quick_decimal(value: object, positive: bool) -> Decimal | None:
             return None
         result = Decimal(value)
         return None if positive and result <= ZERO else result
-    if type(value) is int or type(value) is float:
+    if type(value) is int:
         try:
             return parse_decimal(value, "", positive=positive)
         except ProtocolError:
             return None
-    return None
+    return None  # a float may not be the number sent: the careful path reads it
 
 
 def _fast_order_validate(frame: bytes | str, obj: dict[str, Any]) -> Request | None:
@@ -533,7 +573,7 @@ def _fast_position_update(frame: bytes | str, obj: dict[str, Any]) -> Request | 
         or name_match(account) is None
         or type(symbol) is not str
         or name_match(symbol) is None
-        or (seq is not None and (type(seq) is not int or seq < 0))
+        or (seq is not None and (type(seq) is not int or not 0 <= seq <= MAX_INT))
         or (
             release is not None
             and (type(release) is not str or len(release) > 64 or not release.strip())
@@ -558,7 +598,8 @@ def _read_json(frame: bytes | str) -> Any:
     try:
         return orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        obj = _loads_out_of_range_numbers(frame)
+        # Still JSON if orjson refused only a number no double holds (1e400).
+        obj = _loads_exact(frame)
         if obj is _NOT_JSON:
             raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
         return obj
@@ -584,6 +625,11 @@ def decode(frame: bytes | str) -> Request:
 
 def _decode_object(frame: bytes | str, obj: Any) -> Request:
     """The careful path of ``decode``, for the frame's parsed JSON ``obj``."""
+    if _holds_float(obj):
+        # orjson read a number as a binary float: read every number as written.
+        exact = _loads_exact(frame)
+        if exact is not _NOT_JSON:
+            obj = exact
     if not isinstance(obj, dict):
         raise bad_request(f"a request must be a JSON object, was {show(obj)}")
     duplicate = _duplicate_key_error(frame, obj)
@@ -609,11 +655,15 @@ def _decode_object(frame: bytes | str, obj: Any) -> Request:
 def peek_id(frame: bytes | str) -> RequestId | None:
     """The frame's id if it has a usable one, else None (for refusals before decoding)."""
     try:
-        obj = orjson.loads(frame)
-    except orjson.JSONDecodeError:
+        obj = _read_json(frame)
+    except ProtocolError:
         return None
     if not isinstance(obj, dict):
         return None
+    if type(obj.get("id")) is float:
+        obj = _loads_exact(frame)
+        if not isinstance(obj, dict):
+            return None
     try:
         return _request_id(obj)
     except ProtocolError:
@@ -621,13 +671,26 @@ def peek_id(frame: bytes | str) -> RequestId | None:
 
 
 def encode_ok(request_id: RequestId | None, result: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({"id": request_id, "status": "ok", "result": result})
+    try:
+        return orjson.dumps({"id": request_id, "status": "ok", "result": result})
+    except orjson.JSONEncodeError:
+        return orjson.dumps({"id": _wide_id(request_id), "status": "ok", "result": result})
 
 
 def encode_error(request_id: RequestId | None, code: ErrorCode, message: str) -> bytes:
-    return orjson.dumps(
-        {"id": request_id, "status": "error", "error": {"code": code.value, "message": message}}
-    )
+    error = {"code": code.value, "message": message}
+    try:
+        return orjson.dumps({"id": request_id, "status": "error", "error": error})
+    except orjson.JSONEncodeError:
+        return orjson.dumps({"id": _wide_id(request_id), "status": "error", "error": error})
+
+
+def _wide_id(request_id: RequestId | None) -> object:
+    """An integer id past 64 bits, written with its digits (orjson writes at
+    most 64-bit integers); any other id as it is (the error was elsewhere)."""
+    if type(request_id) is int:
+        return orjson.Fragment(str(request_id).encode())
+    return request_id
 
 
 def encode_push(

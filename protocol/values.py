@@ -55,6 +55,34 @@ decimal_string_match = _DECIMAL_RE.fullmatch
 _FLOAT_EXACT_LIMIT = 2.0**53
 
 
+class JsonNumber:
+    """A JSON number that is not an integer (``1.5``, ``1e-400``), as written.
+
+    The codec reads a frame holding one with this in its place, so that a
+    parser can take its exact decimal value: a binary float could not hold
+    ``0.10000000000000000001``, and ``1e-400`` would read as 0.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JsonNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+#: The largest integer a ``seq``, ``version`` or other count may be: what the
+#: journal's JSON can hold as an integer.
+MAX_INT = 2**63 - 1
+
+
 def _show(value: object) -> str:
     if isinstance(value, str):
         text = value if len(value) <= 40 else value[:40] + "..."
@@ -81,6 +109,15 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
         if len(value) > MAX_DECIMAL_CHARS or _DECIMAL_RE.fullmatch(value) is None:
             raise bad_request(f'{field} must be {kind} string like "12.5", was {_show(value)}')
         result = Decimal(value)
+    elif isinstance(value, JsonNumber):
+        # Exactly as written: the shortest decimal form of the number itself.
+        result = Decimal(value.text)
+        if not result.is_finite() or _plain_length(result) > MAX_DECIMAL_CHARS:
+            raise bad_request(
+                f"{field} needs more than {MAX_DECIMAL_CHARS} characters as a decimal, "
+                f"was {_show(value)}; send a decimal string of at most "
+                f"{MAX_DECIMAL_CHARS} characters"
+            )
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"{field} must be {kind}, was {_show(value)}")
     elif isinstance(value, float):
@@ -97,7 +134,9 @@ def parse_decimal(value: object, field: str, *, positive: bool = False) -> Decim
             raise bad_request(f"{field} has more than {MAX_DECIMAL_CHARS} characters")
     else:
         if abs(value) >= 10**MAX_DECIMAL_CHARS:
-            raise bad_request(f"{field} has more than {MAX_DECIMAL_CHARS} digits")
+            raise bad_request(
+                f"{field} has more than {MAX_DECIMAL_CHARS} digits, was {_show(value)}"
+            )
         result = Decimal(value)
     if positive and result <= ZERO:
         raise bad_request(f"{field} must be {kind}, was {_show(value)}")
@@ -154,12 +193,38 @@ def parse_bool(value: object, field: str) -> bool:
     return value
 
 
-def parse_int(value: object, field: str, *, minimum: int | None = None) -> int:
+def parse_int(
+    value: object, field: str, *, minimum: int | None = None, maximum: int = MAX_INT
+) -> int:
+    """An integer from ``minimum`` to ``maximum`` (by default ``MAX_INT``, what
+    the journal can hold)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"{field} must be an integer, was {_show(value)}")
     if minimum is not None and value < minimum:
-        raise bad_request(f"{field} must be at least {minimum}, was {value}")
+        raise bad_request(f"{field} must be at least {minimum}, was {_show(value)}")
+    if value > maximum:
+        raise bad_request(f"{field} must be at most {maximum}, was {_show(value)}")
     return value
+
+
+def _plain_length(value: Decimal) -> int:
+    """How many characters ``value`` takes written out without an exponent and
+    without trailing zeros (as the wire has it), worked out from its digits
+    and exponent: ``1e999999999`` is never written out to be measured."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    count = len(digits)
+    while count > 1 and digits[count - 1] == 0:
+        count -= 1
+        exponent += 1
+    if count == 1 and digits[0] == 0:
+        return 1  # "0"
+    if exponent >= 0:
+        length = count + exponent
+    else:
+        fraction = -exponent
+        length = max(count - fraction, 1) + 1 + fraction
+    return length + sign
 
 
 def show(value: object) -> str:

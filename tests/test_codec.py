@@ -304,11 +304,62 @@ def test_decode_when_qty_is_10000_digit_integer_then_bad_request_naming_qty() ->
     assert len(error.message) < 300
 
 
-def test_decode_when_qty_is_2_pow_60_as_float_then_bad_request_asking_for_a_string() -> None:
-    error = fails(order_frame_raw(repr(float(2**60))))
+def test_decode_when_qty_is_a_20_digit_json_number_then_read_with_all_its_digits() -> None:
+    # Read as written, never through a binary float.
+    qty = decode(order_frame_raw("12345678901234567891.0")).params.qty  # type: ignore[union-attr]
+    assert qty == Decimal("12345678901234567891")
+    qty = decode(order_frame_raw("12345678901234567891")).params.qty  # type: ignore[union-attr]
+    assert qty == Decimal("12345678901234567891")
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1e-400", "1e-31", "1e40", "0.1000000000000000000000000000000001", "1" * 33 + ".5"],
+)
+def test_decode_when_json_number_needs_more_than_32_characters_then_refused_not_rounded(
+    number: str,
+) -> None:
+    error = fails(order_frame_raw(number))
     assert error.code is ErrorCode.BAD_REQUEST
     assert error.request_id == 7
-    assert error.message.startswith("params.qty is too large to read exactly as a JSON number")
+    assert error.message.startswith("params.qty ")
+    assert "32" in error.message
+
+
+def test_decode_when_json_number_has_digits_no_double_holds_then_read_exactly() -> None:
+    qty = decode(order_frame_raw("0.10000000000000000001")).params.qty  # type: ignore[union-attr]
+    assert qty == Decimal("0.10000000000000000001")
+
+
+@pytest.mark.parametrize("digits", [20, 40, 64])
+def test_id_when_integer_of_up_to_64_digits_then_echoed_with_the_same_digits(digits: int) -> None:
+    rid = int("9" * digits)
+    request = decode(b'{"id": ' + str(rid).encode() + b', "method": "ping"}')
+    assert request.id == rid
+    assert encode_ok(request.id, {}).startswith(b'{"id":' + str(rid).encode() + b",")
+    error = fails(b'{"id": -' + str(rid).encode() + b', "method": "no.such"}')
+    assert error.request_id == -rid
+    answer = encode_error(error.request_id, error.code, error.message)
+    assert answer.startswith(b'{"id":-' + str(rid).encode() + b",")
+
+
+def test_id_when_integer_of_65_digits_then_bad_request_with_null_id() -> None:
+    error = fails(b'{"id": ' + b"9" * 65 + b', "method": "ping"}')
+    assert error.code is ErrorCode.BAD_REQUEST
+    assert error.request_id is None
+    assert "64" in error.message
+
+
+def test_seq_when_past_64_bits_then_bad_request_showing_the_digits() -> None:
+    huge = str(2**70)
+    raw = (
+        '{"id": 7, "method": "position.update", "params": {"account": "A1", '
+        '"symbol": "X", "qty": "1", "price": "1", "seq": ' + huge + "}}"
+    )
+    error = fails(raw)
+    assert error.code is ErrorCode.BAD_REQUEST
+    assert error.message.startswith("params.seq must be at most")
+    assert huge[:20] in error.message and "e+" not in error.message
 
 
 @pytest.mark.parametrize("digits", [33, 40])
@@ -791,3 +842,24 @@ def test_decode_when_id_repeated_then_bad_request_with_null_id() -> None:
     error = fails(b'{"id": 1, "id": 2, "method": "ping"}')
     assert error.code is ErrorCode.BAD_REQUEST
     assert error.request_id is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("reservation_ttl_ms", 10**30),
+        ("reservation_ttl_ms", 2**63 - 1),
+        ("max_orders_per_second", 2**64),
+    ],
+)
+def test_limits_when_integer_too_large_to_keep_then_bad_request_naming_the_key(
+    key: str, value: int
+) -> None:
+    from gateway.config import ConfigError, Limits
+
+    raw = b'{"id": 3, "method": "limits.set", "params": {"version": 1, "limits": {"'
+    raw += key.encode() + b'": ' + str(value).encode() + b"}}}"
+    request = decode(raw)
+    with pytest.raises(ConfigError) as info:
+        Limits.from_mapping(request.params.limits, where="params.limits")  # type: ignore[union-attr]
+    assert f"params.limits.{key}" in str(info.value)

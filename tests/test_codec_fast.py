@@ -196,9 +196,14 @@ def test_decode_when_any_frame_of_a_fast_method_then_same_outcome_as_careful_pat
     fast = codec._FAST_PATHS.get(obj.get("method")) if isinstance(obj, dict) else None
     taken = fast is not None and fast(frame, obj) is not None
     event("fast path" if taken else "careful path")
-    # The fast path declines only frames that the careful path refuses, or
-    # whose string values look like key ends (``"symbol": ":"``) to the count.
-    if not taken and codec._repeats_no_key(frame, codec._count_keys(obj)):
+    # The fast path declines only frames that the careful path refuses, frames
+    # whose string values look like key ends (``"symbol": ":"``) to the count,
+    # and numbers with a fraction or an exponent (read exactly by the careful path).
+    if (
+        not taken
+        and codec._repeats_no_key(frame, codec._count_keys(obj))
+        and not codec._holds_float(obj)
+    ):
         with pytest.raises(ProtocolError):
             careful(frame)
 
@@ -209,7 +214,7 @@ def test_decode_when_any_frame_of_a_fast_method_then_same_outcome_as_careful_pat
         b'{"id":1,"method":"order.validate","params":{"account":"A1","symbol":"BTC-USD",'
         b'"side":"buy","qty":"2","price":"50000"}}',
         '{"id": "r-1", "method": "order.validate", "params": {"account": "A1", "symbol": "X",'
-        ' "side": "sell", "qty": 2, "price": 0.1, "reserve": true, "client_order_id": "c:1"}}',
+        ' "side": "sell", "qty": 2, "price": "0.1", "reserve": true, "client_order_id": "c:1"}}',
         b'{"params":{"symbol":"ETH","qty":"-3.5","price":10,"account":"desk:1","seq":4,'
         b'"release":"R1"},"method":"position.update","id":7}',
         b'{"id": 2, "method": "position.update", "params": {"account": "A1", "symbol": "ETH",'

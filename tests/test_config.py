@@ -288,7 +288,7 @@ def test_load_when_unknown_key_then_error_names_file_and_dotted_key(
         ),
         (
             '[limits]\nmax_orders_per_second = "5"\n',
-            'limits.max_orders_per_second: expected a positive integer, got "5"',
+            'limits.max_orders_per_second: expected an integer from 1 to 1000000000, got "5"',
         ),
         (
             '[limits]\nrestricted_symbols = ["OK", "NOT OK"]\n',
