@@ -61,7 +61,16 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 ADMIN_TOKEN: Final = "bench-admin-token"
-SECTIONS: Final = ("latency", "pipelined", "updates", "scaling", "fanout", "recovery", "memory")
+SECTIONS: Final = (
+    "latency",
+    "pipelined",
+    "updates",
+    "scaling",
+    "fanout",
+    "recovery",
+    "memory",
+    "snapshots",
+)
 FSYNC_MODES: Final = ("always", "interval", "never")
 START_TIMEOUT_S: Final = 120.0
 HELPER_TIMEOUT_S: Final = 600.0
@@ -126,6 +135,9 @@ class Sizes:
     recovery_records: int
     recovery_repeats: int
     idle_connections: int
+    snapshot_positions: int
+    snapshot_n: int
+    flood_n: int
 
 
 FULL: Final = Sizes(
@@ -145,6 +157,9 @@ FULL: Final = Sizes(
     recovery_records=1_000_000,
     recovery_repeats=3,
     idle_connections=1_000,
+    snapshot_positions=900,
+    snapshot_n=50,
+    flood_n=2_000,
 )
 #: Sections 1 and 2 alternate between the gateway and the echo in blocks of
 #: this many requests, so both see the same spells of a shared machine.
@@ -168,6 +183,9 @@ QUICK: Final = Sizes(
     recovery_records=10_000,
     recovery_repeats=1,
     idle_connections=50,
+    snapshot_positions=900,
+    snapshot_n=5,
+    flood_n=200,
 )
 
 
@@ -993,6 +1011,96 @@ async def section_recovery(bench: Bench) -> dict[str, Any]:
     }
 
 
+def _snapshot_params(account: str, positions: int) -> dict[str, Any]:
+    return {
+        "account": account,
+        "positions": [{"symbol": f"S{i}", "qty": "2", "price": "50000"} for i in range(positions)],
+    }
+
+
+async def section_snapshots(bench: Bench) -> dict[str, Any]:
+    """What a position.snapshot costs per position, against a position.update,
+    and how long another connection waits while one floods the gateway with them.
+
+    One gateway (fsync always). A snapshot of ``snapshot_positions`` positions is
+    timed one at a time; as many position updates are timed pipelined
+    (``in_flight``), the way a client streams them. Then another connection's
+    validations are timed one at a time, quiet and while a third connection
+    keeps 16 snapshots in flight.
+    """
+    sizes = bench.sizes
+    count = sizes.snapshot_positions
+    gateway = await bench.gateway("always")
+    feeder, other, flooder = [await Conn.open(gateway.url) for _ in range(3)]
+    try:
+        await _prepare_validations(other)
+        snapshot = _snapshot_params("SNAP", count)
+        await feeder.ok("position.snapshot", snapshot)  # warm-up
+        with no_gc():
+            took: list[int] = []
+            for frame in feeder.frames("position.snapshot", snapshot, sizes.snapshot_n):
+                got, failed = await feeder.round_trips([frame])
+                if failed:
+                    raise RuntimeError("a position.snapshot failed")
+                took.extend(got)
+            updates: list[float] = []
+            for repeat in range(sizes.repeats):
+                frames = _update_frames(feeder, f"UP{repeat}", count, 100)
+                seconds, failed = await feeder.pipelined(frames, sizes.in_flight)
+                if failed:
+                    raise RuntimeError("a position.update failed")
+                updates.append(seconds / count)
+        snapshot_us = median(took) / 1000
+        update_us = median(updates) * 1e6
+        bench.progress(
+            f"  snapshot of {count}: {snapshot_us / 1000:.1f} ms, "
+            f"{snapshot_us / count:.1f} us per position; update {update_us:.1f} us"
+        )
+        order_frames = other.frames("order.validate", ORDER, sizes.flood_n)
+        with no_gc():
+            quiet, failures = await other.round_trips(order_frames)
+        stop = asyncio.Event()
+        flood_frames = flooder.frames("position.snapshot", _snapshot_params("FLOOD", count), 1)
+
+        async def flood() -> None:
+            while not stop.is_set():
+                await flooder.pipelined(flood_frames * 16, 16)
+
+        flooding = asyncio.create_task(flood())
+        try:
+            order_frames = other.frames("order.validate", ORDER, sizes.flood_n)
+            with no_gc():
+                flooded, failed = await other.round_trips(order_frames)
+            failures += failed
+        finally:
+            stop.set()
+            await flooding
+        quiet_summary = latency_summary(quiet)
+        flood_summary = latency_summary(flooded)
+        bench.progress(
+            f"  another connection's validate p99: {quiet_summary['p99']:.0f} us quiet, "
+            f"{flood_summary['p99']:.0f} us under the flood"
+        )
+    finally:
+        for conn in (feeder, other, flooder):
+            await conn.close()
+        await bench.stop(gateway)
+    return {
+        "positions": count,
+        "n": sizes.snapshot_n,
+        "snapshot_ms": snapshot_us / 1000,
+        "snapshot_us_per_position": snapshot_us / count,
+        "update_us": update_us,
+        "per_position_ratio": snapshot_us / count / update_us,
+        "p50_us_quiet": quiet_summary["p50"],
+        "p99_us_quiet": quiet_summary["p99"],
+        "p50_us_flood": flood_summary["p50"],
+        "p99_us_flood": flood_summary["p99"],
+        "flood_p99_in_snapshots": flood_summary["p99"] / snapshot_us,
+        "failures": failures,
+    }
+
+
 async def section_memory(bench: Bench) -> dict[str, Any]:
     sizes = bench.sizes
     gateway = await bench.gateway("always")
@@ -1103,6 +1211,28 @@ def targets(report: dict[str, Any]) -> list[Target]:
         out.append(
             Target(
                 "recovery of the journal", "recovery", report["recovery"]["seconds"], 5, False, "s"
+            )
+        )
+    if "snapshots" in report:
+        snaps = report["snapshots"]
+        out.append(
+            Target(
+                "position.snapshot per position / position.update",
+                "snapshots",
+                snaps["per_position_ratio"],
+                1.0,
+                False,
+                "x",
+            )
+        )
+        out.append(
+            Target(
+                "validate p99 under a snapshot flood, in snapshots",
+                "snapshots",
+                snaps["flood_p99_in_snapshots"],
+                4.0,
+                False,
+                "x",
             )
         )
     if "memory" in report:
@@ -1267,6 +1397,28 @@ def table_rows(report: dict[str, Any]) -> list[Row]:
                 *verdict("memory per idle connection"),
             )
         )
+    if "snapshots" in report:
+        snaps = report["snapshots"]
+        rows.append(
+            (
+                f"8. position.snapshot of {snaps['positions']:,}, us per position "
+                "(vs a pipelined position.update)",
+                _num(snaps["snapshot_us_per_position"]),
+                _num(snaps["update_us"]),
+                f"{snaps['per_position_ratio']:.2f}x",
+                *verdict("position.snapshot per position / position.update"),
+            )
+        )
+        rows.append(
+            (
+                "8. another connection's validate p99, us, under a flood of them "
+                f"(vs one snapshot, {snaps['snapshot_ms']:.1f} ms)",
+                _num(snaps["p99_us_flood"]),
+                _num(snaps["snapshot_ms"] * 1000),
+                f"{snaps['flood_p99_in_snapshots']:.2f}x",
+                *verdict("validate p99 under a snapshot flood, in snapshots"),
+            )
+        )
     return rows
 
 
@@ -1349,6 +1501,7 @@ async def run_bench(
             "fanout": lambda: section_fanout(bench),
             "recovery": lambda: section_recovery(bench),
             "memory": lambda: section_memory(bench),
+            "snapshots": lambda: section_snapshots(bench),
         }
         steps = [(name, runners[name]) for name in SECTIONS if name in sections]
         for number, (name, step) in enumerate(steps, 1):

@@ -49,6 +49,16 @@ POSITIVE: dict[str, tuple[str, ...]] = {
     ),
     "recovery": ("records", "journal_bytes", "seconds", "read_seconds", "positions"),
     "memory": ("connections", "rss_before_kib", "rss_after_kib"),
+    "snapshots": (
+        "positions",
+        "snapshot_ms",
+        "snapshot_us_per_position",
+        "update_us",
+        "per_position_ratio",
+        "p99_us_quiet",
+        "p99_us_flood",
+        "flood_p99_in_snapshots",
+    ),
 }
 
 
@@ -90,9 +100,9 @@ def test_bench_quick_json_when_run_then_every_section_is_reported() -> None:
     assert isinstance(report["memory"]["kib_per_connection"], int | float)
     assert report["recovery"]["positions"] == 10_000
     names = [target["name"] for target in report["targets"]]
-    assert len(names) == 9 and all(isinstance(t["holds"], bool) for t in report["targets"])
+    assert len(names) == 11 and all(isinstance(t["holds"], bool) for t in report["targets"])
     # Nothing was rejected: the benchmark measured accepted validations.
-    for section in ("latency", "pipelined", "scaling", "fanout"):
+    for section in ("latency", "pipelined", "scaling", "fanout", "snapshots"):
         assert report[section]["failures"] == 0, section
 
 
