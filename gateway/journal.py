@@ -61,13 +61,16 @@ journal means a newest snapshot that later turns unreadable still recovers compl
 (from the previous snapshot plus the journal), though it is reported as damage.
 
 Recovery trusts the newest snapshot that validates, then requires the journal after it
-to continue without gaps. A bad frame followed by no valid frame in the last segment
-is a torn tail: a crash mid-write, never reported durable, dropped and truncated away
-to the end of the last whole frame. (A corrupted final frame looks the same and is
-treated the same; nothing can tell them apart.) Any other bad byte, gap or unreadable
-newest snapshot is damage: recovery stops at the last good frame and the caller starts
-halted. Starting a :class:`Journal` on a damaged recovery first snapshots the recovered
-state, then renames the segments and unreadable snapshots to ``<name>.damaged-<ns>``
+to continue without gaps. A frame cut short by the end of the last segment (fewer bytes
+left than a header, a length reaching past the end, or only zero bytes to the end) is
+a torn tail: a crash mid-write, never reported durable, dropped and truncated away to
+the end of the last whole frame. A whole frame that fails its checks is damage, the
+last one included, and so is a length reaching past the end where a shorter length
+makes a whole checksummed frame (the length field itself is damaged): see
+``_cut_short``. Any other bad byte, gap or unreadable newest snapshot is damage:
+recovery stops at the last good frame and the caller starts halted. Starting a
+:class:`Journal` on a damaged recovery first snapshots the recovered state, then
+renames the segments and unreadable snapshots to ``<name>.damaged-<ns>``
 (evidence for the operator), so the directory is consistent again and later
 recoveries are clean.
 
@@ -500,6 +503,38 @@ def _frame_error(data: bytes, view: memoryview, off: int) -> str | None:
     return None
 
 
+def _cut_short(data: bytes, view: memoryview, off: int) -> bool:
+    """Whether the bad frame at ``off`` is one a crash cut short: the end of the
+    file comes before its header or its payload ends, or only zero bytes
+    follow (a file that grew before its data landed).
+
+    A frame that fits in the file is never cut short, whatever failed in it:
+    one flipped bit is damage, never a silent loss of the frame's records. A
+    header whose length reaches past the end is cut short unless the bytes
+    that follow are a whole checksummed frame of some shorter length (then
+    the length field itself is damaged).
+    """
+    size = len(data)
+    if data.count(0, off) == size - off:
+        return True
+    if size - off < FRAME_HEADER_BYTES:
+        return True
+    _magic, length, crc, _first, _count = _FRAME_HEADER.unpack_from(data, off)
+    if off + FRAME_HEADER_BYTES + length <= size or length > MAX_FRAME_BYTES:
+        return False
+    # Every place the payload (a JSON array) could end: one pass of the CRC.
+    running = zlib.crc32(view[off + _CRC_START : off + FRAME_HEADER_BYTES])
+    pos = off + FRAME_HEADER_BYTES
+    end = data.find(b"]", pos)
+    while end != -1:
+        running = zlib.crc32(view[pos : end + 1], running)
+        if running == crc:
+            return False
+        pos = end + 1
+        end = data.find(b"]", pos)
+    return True
+
+
 def _valid_frame_after(data: bytes, start: int) -> bool:
     """Whether any complete, checksummed frame starts at or after ``start``.
 
@@ -602,7 +637,7 @@ def _scan_segment(
                 offset=off,
                 detail=f"sequence discontinuity: expected seq {seq_here}, found {found}",
             )
-        elif is_last and not _valid_frame_after(data, off + 1):
+        elif is_last and _cut_short(data, view, off) and not _valid_frame_after(data, off + 1):
             torn = Damage(file=name, offset=off, detail=detail)
         else:
             damage = Damage(file=name, offset=off, detail=detail)
@@ -1010,7 +1045,9 @@ class Journal:
         self._planned_seq = recovered.last_seq
         self._queue: list[_Item] = []
         self._inflight: list[_Item] = []  # the batch the writer thread is working on
-        self._since_snapshot = 0
+        # Counted from the snapshot, across restarts: a gateway that crashes
+        # before every snapshot would otherwise never take one.
+        self._since_snapshot = recovered.last_seq - recovered.snapshot_seq
         self._last_snapshot_seq = recovered.snapshot_seq
         self._snapshot_scheduled = False
         self._durable_waiters: list[tuple[int, int, _Waiter]] = []

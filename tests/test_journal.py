@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -489,14 +490,15 @@ def test_checksummed_frame_of_no_records_then_not_a_frame(tmp_path: Path) -> Non
 
     damaged = recover(state, repair=False)
     path.write_bytes(encode_segment_header(1) + good + empty)
-    torn = recover(state)
+    last = recover(state)
 
     assert damaged.damage is not None and damaged.damage.detail == "frame holds no records"
     assert damaged.damage.offset == SEGMENT_HEADER_BYTES + len(good)
     assert damaged.records == [(1, payload(1))]
-    assert torn.damage is None and torn.torn_tail is not None
-    assert torn.records == [(1, payload(1))]
-    assert path.stat().st_size == SEGMENT_HEADER_BYTES + len(good)
+    # As the last frame too: it is whole, so it is damage, not a torn write.
+    assert last.damage == damaged.damage and last.torn_tail is None
+    assert last.records == [(1, payload(1))]
+    assert path.stat().st_size == SEGMENT_HEADER_BYTES + len(good) + len(empty)
 
 
 def test_snapshot_inside_a_frame_when_recovering_then_records_after_it_only(
@@ -1212,3 +1214,55 @@ async def test_failed_journal_when_appending_then_persistence_error(tmp_path: Pa
         await journal.close()
     assert len(failures) == 1
     assert recover(state).records == [(1, payload(1))]
+
+
+# ------------------------------------------------------- damage in the last frame
+
+
+async def test_flipped_bit_in_last_frame_when_recovering_then_damage_never_torn(
+    tmp_path: Path,
+) -> None:
+    # A group-commit frame of many acknowledged records is the last in the
+    # file: one flipped bit anywhere in it (header or payload, the length
+    # field included) is damage, never a torn tail silently truncated away.
+    base = tmp_path / "base"
+    await write_records(base, list(range(1, 4)), wave=3)
+    await write_records(base, list(range(4, 44)), wave=40)
+    name = seg_name(4)
+    data = (base / name).read_bytes()
+    start = frame_bounds(data)[-2]
+    assert frame_counts(data)[-1] == 40
+    rng = random.Random(13)
+    header_bits = range(start * 8, (start + FRAME_HEADER_BYTES) * 8)
+    payload_bits = rng.sample(range((start + FRAME_HEADER_BYTES) * 8, len(data) * 8), 200)
+    for bit in [*header_bits, *payload_bits]:
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        state = tmp_path / f"bit{bit}"
+        shutil.copytree(base, state)
+        (state / name).write_bytes(damaged)
+
+        rec = recover(state)
+
+        assert rec.torn_tail is None, bit
+        assert rec.damage is not None, bit
+        assert (rec.damage.file, rec.damage.offset) == (name, start), (bit, rec.damage)
+        assert (state / name).read_bytes() == damaged, "the damaged file was changed"
+        assert rec.last_seq == 3
+
+
+async def test_restarts_when_each_run_appends_less_than_snapshot_every_then_still_snapshots(
+    tmp_path: Path,
+) -> None:
+    # A gateway that crashes often (no snapshot at close) must still snapshot,
+    # so a start never replays much more than snapshot_every records.
+    state = tmp_path / "state"
+    model = Model()
+    for run in range(8):
+        await write_records(
+            state, list(range(run * 6, run * 6 + 6)), model=model, wave=6, snapshot_every=10
+        )
+        rec = recover(state)
+        assert len(rec.records) <= 10 + 6, (run, len(rec.records))
+        model = Model(rec)
+    assert Model(recover(state)).items == list(range(48))
