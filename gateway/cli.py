@@ -24,6 +24,7 @@ from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager, install_risk_context
 from gateway.rules import Rule, load_rules
 from gateway.server import Gateway, start_gateway
+from gateway.store import rebuild
 
 log = logging.getLogger("gateway")
 
@@ -220,12 +221,14 @@ async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, 
 def describe_state_dir(state_dir: Path) -> dict[str, Any]:
     """What ``inspect`` reports: the journal's view plus the state it rebuilds."""
     report = inspect_state_dir(state_dir)
+    report.pop("snapshot_payload", None)
+    report.pop("tail_payloads", None)
     manager = EmergencyManager()
-    snapshot = report.pop("snapshot_payload", None)
-    tail = report.pop("tail_payloads", [])
-    if snapshot is not None:
-        manager.load_snapshot(snapshot)
-    manager.replay(tail)
+    # As a start would rebuild it: a snapshot or record that cannot be applied
+    # is damage too (named), never a traceback.
+    recovered, _replayed = rebuild(manager, state_dir, repair=False)
+    if recovered.damage is not None and report.get("damage") is None:
+        report["damage"] = recovered.damage.as_dict()
     report["emergency"] = manager.emergency_view()
     report["accounts"] = len(manager.accounts)
     report["positions"] = sum(

@@ -108,7 +108,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -127,6 +127,7 @@ __all__ = [
     "StateDirLocked",
     "StateLock",
     "inspect_state_dir",
+    "locate_record",
     "lock_state_dir",
     "recover",
 ]
@@ -706,7 +707,9 @@ def _decode_frames(
     raise AssertionError("no bad frame found")  # pragma: no cover
 
 
-def _analyse(state_dir: Path, *, full: bool) -> _Analysis:
+def _analyse(
+    state_dir: Path, *, full: bool, unusable: Mapping[int, str] | None = None
+) -> _Analysis:
     """Read the state directory without changing it.
 
     ``full`` reads every file (for inspection); otherwise files that recovery does not
@@ -717,13 +720,13 @@ def _analyse(state_dir: Path, *, full: bool) -> _Analysis:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _analyse_files(state_dir, full=full)
+        return _analyse_files(state_dir, full=full, unusable=unusable or {})
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _analyse_files(state_dir: Path, *, full: bool) -> _Analysis:
+def _analyse_files(state_dir: Path, *, full: bool, unusable: Mapping[int, str]) -> _Analysis:
     try:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
@@ -745,7 +748,14 @@ def _analyse_files(state_dir: Path, *, full: bool) -> _Analysis:
     for snap in result.snapshots:
         if result.snapshot is not None and not full:
             break
-        snap.payload, snap.error = _read_snapshot(state_dir / snap.name, snap.seq)
+        if snap.seq in unusable:
+            # Readable, but its state could not be applied (the caller's verdict).
+            snap.payload = None
+            snap.error = Damage(
+                file=snap.name, offset=SNAPSHOT_HEADER_BYTES, detail=unusable[snap.seq]
+            )
+        else:
+            snap.payload, snap.error = _read_snapshot(state_dir / snap.name, snap.seq)
         if snap.error is None:
             if result.snapshot is None:
                 result.snapshot = snap
@@ -840,7 +850,13 @@ def _repair_torn_tail(ops: FileOps, state_dir: Path, torn: Damage) -> None:
         ops.close(fd)
 
 
-def recover(state_dir: Path, *, repair: bool = True, ops: FileOps | None = None) -> Recovered:
+def recover(
+    state_dir: Path,
+    *,
+    repair: bool = True,
+    ops: FileOps | None = None,
+    unusable_snapshots: Mapping[int, str] | None = None,
+) -> Recovered:
     """Read the newest valid snapshot and the journal after it.
 
     Call with the lock held (see :func:`lock_state_dir`). Never raises on file content:
@@ -849,10 +865,12 @@ def recover(state_dir: Path, *, repair: bool = True, ops: FileOps | None = None)
     leftover ``*.tmp`` files are deleted and a torn tail is truncated away (then
     fdatasync'ed); with ``repair=False`` nothing on disk changes. Raises ``OSError``
     only if the directory cannot be read or a repair step fails (calling again is safe).
-    Next: replay, then build a :class:`Journal` from the result.
+    ``unusable_snapshots`` maps the seq of a snapshot that could be read but not
+    applied to why: it is then treated as unreadable (damage, and the previous one
+    is used). Next: replay, then build a :class:`Journal` from the result.
     """
     state_dir = Path(state_dir)
-    analysis = _analyse(state_dir, full=False)
+    analysis = _analyse(state_dir, full=False, unusable=unusable_snapshots)
     if repair and analysis.exists:
         ops = ops or FileOps()
         if analysis.tmp_files:
@@ -862,6 +880,24 @@ def recover(state_dir: Path, *, repair: bool = True, ops: FileOps | None = None)
         if analysis.torn_tail is not None:
             _repair_torn_tail(ops, state_dir, analysis.torn_tail)
     return _recovered(analysis)
+
+
+def locate_record(state_dir: Path, seq: int) -> tuple[str, int] | None:
+    """The segment and the byte offset of the frame that holds record ``seq``
+    (None when no readable segment holds it). Reads the directory, changes nothing."""
+    analysis = _analyse(Path(state_dir), full=True)
+    for seg in analysis.segments:
+        if seg.last_seq is None or not seg.first_seq <= seq <= seg.last_seq:
+            continue
+        data = _read_bytes(Path(state_dir) / seg.name)
+        off, first = SEGMENT_HEADER_BYTES, seg.first_seq
+        while off + FRAME_HEADER_BYTES <= len(data):
+            _magic, length, _crc, _first, count = _FRAME_HEADER.unpack_from(data, off)
+            if first <= seq < first + count:
+                return seg.name, off
+            off += FRAME_HEADER_BYTES + length
+            first += count
+    return None
 
 
 def inspect_state_dir(state_dir: Path) -> dict[str, Any]:

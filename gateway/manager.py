@@ -264,16 +264,25 @@ class EmergencyManager:
         self.config: dict[str, Any] = dict(config or {})
         if limits is None:
             limits = _limits_from_legacy(self.config)
-        self.limits = limits
-        self.limits_version = 1
-        self.file_limits: dict[str, Any] | None = None
         self.rules: tuple[Rule, ...] = DEFAULT_RULES + tuple(_own_context(r) for r in rules)
         self.risk_manager = (
             risk_manager if risk_manager is not None else self.config.get("risk_manager")
         )
-        now = self._clock()
+        self._new_reservation_id = reservation_ids or _random_reservation_id
+        self._defer_publication = False
+        # Set by gateway.embedded when the original async API is used.
+        self._embedded: Any = None
+        self.reset_state(limits)
+
+    def reset_state(self, limits: Limits) -> None:
+        """Forget every state (positions, reservations, modes, limits, queued
+        records and events): as constructed, with ``limits`` as version 1.
+        Recovery starts over with it when what it read cannot be applied."""
+        self.limits = limits
+        self.limits_version = 1
+        self.file_limits: dict[str, Any] | None = None
         self.gateway_mode = ModeState(
-            mode=Mode.NORMAL, reason="", actor=GATEWAY_ACTOR, since_ms=now
+            mode=Mode.NORMAL, reason="", actor=GATEWAY_ACTOR, since_ms=self._clock()
         )
         self.account_modes: dict[str, ModeState] = {}
         self.emergency_version = 0
@@ -283,7 +292,6 @@ class EmergencyManager:
         self.reservations: dict[str, Reservation] = {}
         self._by_client_order: dict[tuple[str, str], str] = {}
         self._expiry_heap: list[tuple[int, str]] = []
-        self._new_reservation_id = reservation_ids or _random_reservation_id
         self._gateway_breached = False
         self._gateway_warned = False
         self._records: list[dict[str, Any]] = []
@@ -296,7 +304,6 @@ class EmergencyManager:
         # Emergency and limits records on their way to the journal, oldest
         # first (see ``stage``): published once durable, in this order.
         self._staged: deque[dict[str, Any]] = deque()
-        self._defer_publication = False
         # The modes validations enforce: each scope's published mode, or a
         # staged one where that is stricter (see _enforce).
         self._enforced_gateway = Mode.NORMAL
@@ -309,8 +316,6 @@ class EmergencyManager:
         # (limits, 80% of max_account_exposure, 80% of max_exposure), computed
         # in the exact context on first use after each limits change.
         self._warning_levels: tuple[Limits | None, Decimal, Decimal] = (None, ZERO, ZERO)
-        # Set by gateway.embedded when the original async API is used.
-        self._embedded: Any = None
 
     # ------------------------------------------------------------------ outputs
 
@@ -1459,7 +1464,12 @@ class EmergencyManager:
 
     @_exact
     def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Apply recovered records without alerts, events or new records."""
+        """Apply recovered records without alerts, events or new records.
+
+        Raises ``RecordNotApplied`` when one cannot be applied (a record this
+        manager did not write); the state is then undefined: ``reset_state``
+        and start over (``gateway.store.rebuild`` does, and finds which).
+        """
         self._replaying = True
         count = 0
         try:
@@ -1487,8 +1497,11 @@ class EmergencyManager:
                 if not sym.reprice_due:
                     sym.reprice_due = True
                     due.append((book, sym))
-        finally:
             self._reprice_replayed()
+        except Exception as exc:
+            self._reprice_due = []
+            raise RecordNotApplied(exc) from exc
+        finally:
             self._replaying = False
         return count
 
@@ -1560,7 +1573,17 @@ class EmergencyManager:
 
     @_exact
     def load_snapshot(self, snap: Mapping[str, Any]) -> None:
-        """Replace the whole state with a ``snapshot()`` dict."""
+        """Replace the whole state with a ``snapshot()`` dict.
+
+        Raises ``RecordNotApplied`` when it cannot be loaded (a snapshot this
+        manager did not write); the state is then undefined (``reset_state``).
+        """
+        try:
+            self._load_snapshot(snap)
+        except Exception as exc:
+            raise RecordNotApplied(exc) from exc
+
+    def _load_snapshot(self, snap: Mapping[str, Any]) -> None:
         self.limits = Limits.from_mapping(snap["limits"], where="snapshot limits")
         self.limits_version = snap["limits_version"]
         self.file_limits = snap.get("file_limits")
@@ -1691,6 +1714,16 @@ def filter_emergency(view: dict[str, Any], readable: Callable[[str], bool]) -> d
     if all(readable(account) for account in accounts):
         return view
     return {**view, "accounts": {a: s for a, s in accounts.items() if readable(a)}}
+
+
+class RecordNotApplied(Exception):
+    """A journal record or snapshot could not be applied (``replay``,
+    ``load_snapshot``): it holds something this manager never writes. The
+    message says what; the manager's state is undefined afterwards."""
+
+    def __init__(self, cause: BaseException) -> None:
+        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        super().__init__(text if len(text) <= 200 else text[:200] + "...")
 
 
 def _random_reservation_id() -> str:

@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway.journal import (
+    Damage,
     Journal,
     PersistenceError,
     Recovered,
     StateLock,
+    locate_record,
     lock_state_dir,
     recover,
 )
-from gateway.manager import EmergencyManager
+from gateway.manager import EmergencyManager, RecordNotApplied
 from protocol.codes import AlertCode, AlertLevel
 
 log = logging.getLogger("gateway.store")
@@ -37,6 +39,72 @@ log = logging.getLogger("gateway.store")
 FsyncPolicy = str
 # Record types that are staged (published once durable): emergency and limits.
 _STAGED_TYPES = frozenset({"emg", "lim"})
+
+
+def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tuple[Recovered, int]:
+    """Recover ``state_dir`` into ``manager``: the newest snapshot that loads,
+    then the journal records after it. Returns the recovery and how many
+    records were replayed.
+
+    Never fails on what the files hold: a snapshot that reads but cannot be
+    loaded counts as unreadable (damage; the previous one is used), and a
+    record that cannot be applied ends the replay before it (damage naming its
+    file, frame offset and seq; the state is rebuilt from scratch up to the
+    record before, so nothing of it remains). Start halted on any damage.
+    Raises ``OSError`` only when the directory cannot be read or repaired.
+    """
+    limits = manager.limits
+    unusable: dict[int, str] = {}
+    while True:
+        recovered = recover(state_dir, repair=repair, unusable_snapshots=unusable)
+        manager.reset_state(limits)
+        if recovered.snapshot is not None:
+            try:
+                manager.load_snapshot(recovered.snapshot)
+            except RecordNotApplied as exc:
+                unusable[recovered.snapshot_seq] = f"snapshot cannot be loaded ({exc})"
+                continue
+        try:
+            return recovered, manager.replay(recovered.payloads)
+        except RecordNotApplied:
+            pass
+        # Which record: one at a time on a fresh state (only after a failure).
+        manager.reset_state(limits)
+        if recovered.snapshot is not None:
+            manager.load_snapshot(recovered.snapshot)
+        payloads = recovered.payloads
+        index, why = _first_not_applied(manager, payloads)
+        seq = recovered.snapshot_seq + 1 + index
+        manager.reset_state(limits)
+        if recovered.snapshot is not None:
+            manager.load_snapshot(recovered.snapshot)
+        replayed = manager.replay(payloads[:index])
+        where = locate_record(state_dir, seq) or ("journal", 0)
+        damage = Damage(
+            file=where[0], offset=where[1], detail=f"record {seq} cannot be applied ({why})"
+        )
+        return (
+            dataclasses.replace(
+                recovered,
+                payloads=payloads[:index],
+                last_seq=seq - 1,
+                damage=recovered.damage or damage,
+                torn_tail=None,
+            ),
+            replayed,
+        )
+
+
+def _first_not_applied(
+    manager: EmergencyManager, payloads: list[dict[str, Any]]
+) -> tuple[int, str]:
+    """The index of the first record ``manager`` cannot apply, and why."""
+    for index, record in enumerate(payloads):
+        try:
+            manager.replay([record])
+        except RecordNotApplied as error:
+            return index, str(error)
+    raise AssertionError("no record failed on its own")  # pragma: no cover
 
 
 class Store:
@@ -79,11 +147,8 @@ class Store:
         self._lock = lock_state_dir(self.state_dir)
         # Emergency and limits changes wait for their records to be durable.
         self.manager.defer_publication()
-        recovered = recover(self.state_dir, repair=True)
         manager = self.manager
-        if recovered.snapshot is not None:
-            manager.load_snapshot(recovered.snapshot)
-        self.replayed = manager.replay(recovered.payloads)
+        recovered, self.replayed = rebuild(manager, self.state_dir, repair=True)
         # Replayed: keep the summary (seqs, damage), not the payloads, which
         # would stay alive as long as the gateway (half a gigabyte for a
         # million records).
