@@ -460,15 +460,11 @@ class EmergencyManager:
             "v": self._next_version("emg", self.emergency_version),
         }
 
-    @property
-    def defers_publication(self) -> bool:
-        """True once a store owns this manager: staged changes then wait for
-        ``publish``; before, they are published as they are staged."""
-        return self._defer_publication
-
-    def defer_publication(self) -> None:
-        """From now on, ``stage`` leaves a change to ``publish`` (the store calls it)."""
-        self._defer_publication = True
+    def defer_publication(self, enabled: bool = True) -> None:
+        """From now on, ``stage`` leaves a change to ``publish`` (a store owns
+        this manager), or with ``enabled`` False publishes it at once (no store,
+        or its journal failed: nothing can be made durable any more)."""
+        self._defer_publication = enabled
 
     @_exact
     def stage(self, record: dict[str, Any]) -> None:

@@ -200,6 +200,7 @@ class Store:
         # The staged changes can never become durable; the halt cannot be
         # written either, so it is held in memory only.
         self.manager.discard_staged()
+        self.manager.defer_publication(False)
         self.manager.force_halt(f"persistence failure: {error}", durable=False)
         self.manager.raise_alert(
             AlertLevel.CRITICAL,
