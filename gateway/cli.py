@@ -255,6 +255,18 @@ def inspect_command(state_dir: Path, *, as_json: bool) -> int:
 def _print_report(report: dict[str, Any]) -> None:
     out = sys.stdout.write
     out(f"state directory  {report['state_dir']}\n")
+    manifest = report.get("manifest")
+    if manifest is None:
+        out("manifest         none\n")
+    else:
+        out(
+            f"manifest         {len(manifest['snapshots'])} snapshot(s), "
+            f"{len(manifest['segments'])} segment(s) live\n"
+        )
+    for name in report.get("missing", []):
+        out(f"MISSING          {name} (listed in the manifest)\n")
+    for name in report.get("unlisted", []):
+        out(f"unlisted         {name} (left by an interrupted step; cleared at the next start)\n")
     for snap in report.get("snapshots", []):
         status = "ok" if snap.get("valid") else f"UNREADABLE: {snap.get('error')}"
         out(f"snapshot         {snap['file']} seq {snap['seq']} ({snap['bytes']} bytes) {status}\n")

@@ -169,6 +169,10 @@ _SEGMENT_RE = re.compile(r"journal-(\d{20})\.log")
 _SNAPSHOT_RE = re.compile(r"snapshot-(\d{20})\.snap")
 _TMP_SUFFIX: Final = ".tmp"
 _LOCK_NAME: Final = "LOCK"
+MANIFEST_NAME: Final = "MANIFEST"
+MANIFEST_MAGIC: Final = b"RGM1"
+MANIFEST_VERSION: Final = 1
+_MANIFEST_HEADER = struct.Struct("<4sIII")  # magic, version, length, crc32 of the payload
 
 
 def segment_name(first_seq: int) -> str:
@@ -240,6 +244,10 @@ class Recovered:
     damage: Damage | None
     torn_tail: Damage | None
     fresh: bool
+    #: The live files (names) after recovery: what the MANIFEST lists and is
+    #: present; without a MANIFEST, every snapshot and segment present.
+    live_snapshots: tuple[str, ...] = ()
+    live_segments: tuple[str, ...] = ()
 
     @property
     def records(self) -> list[tuple[int, dict[str, Any]]]:
@@ -435,11 +443,57 @@ class _Analysis:
     segments: list[_SegmentInfo] = field(default_factory=list)
     tmp_files: list[str] = field(default_factory=list)
     other_files: list[str] = field(default_factory=list)
+    # What the MANIFEST lists (None: there is none, or it is unreadable), the
+    # listed files that are missing, and snapshot and segment files it does not
+    # list (left by an interrupted rotation; recovery removes them).
+    manifest: dict[str, list[str]] | None = None
+    missing: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    # Unlisted segments that hold records of the past (a snapshot retired them
+    # and a crash came before their removal): renamed aside, not deleted.
+    retired: list[str] = field(default_factory=list)
     snapshot: _SnapshotInfo | None = None
     payloads: list[dict[str, Any]] = field(default_factory=list)
     last_seq: int = 0
     damage: Damage | None = None
     torn_tail: Damage | None = None
+
+
+def manifest_bytes(snapshots: list[str], segments: list[str]) -> bytes:
+    """A MANIFEST listing the live ``snapshots`` and ``segments`` (file names)."""
+    payload = orjson.dumps({"snapshots": snapshots, "segments": segments})
+    head = _MANIFEST_HEADER.pack(MANIFEST_MAGIC, MANIFEST_VERSION, len(payload), 0)
+    return head[:12] + zlib.crc32(payload).to_bytes(4, "little") + payload
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, list[str]] | None, str | None]:
+    """(the MANIFEST's lists, None) or (None, why it is unusable)."""
+    data = _read_bytes(path)
+    if len(data) < _MANIFEST_HEADER.size:
+        return None, "truncated MANIFEST header"
+    magic, version, length, crc = _MANIFEST_HEADER.unpack_from(data)
+    if magic != MANIFEST_MAGIC:
+        return None, "bad MANIFEST magic"
+    if version != MANIFEST_VERSION:
+        return None, f"unsupported MANIFEST version {version}"
+    payload = memoryview(data)[_MANIFEST_HEADER.size :]
+    if length != len(payload) or zlib.crc32(payload) != crc:
+        return None, "MANIFEST checksum mismatch"
+    try:
+        lists = orjson.loads(payload)
+        snapshots, segments = lists["snapshots"], lists["segments"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None, "undecodable MANIFEST"
+    names = [*snapshots, *segments] if isinstance(snapshots, list) else None
+    if (
+        names is None
+        or not isinstance(segments, list)
+        or not all(isinstance(n, str) for n in names)
+        or not all(_SNAPSHOT_RE.fullmatch(n) for n in snapshots)
+        or not all(_SEGMENT_RE.fullmatch(n) for n in segments)
+    ):
+        return None, "MANIFEST does not list snapshot and segment files"
+    return {"snapshots": snapshots, "segments": segments}, None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -740,10 +794,11 @@ def _analyse_files(state_dir: Path, *, full: bool, unusable: Mapping[int, str]) 
             result.segments.append(_SegmentInfo(name=name, first_seq=int(m[1])))
         elif name.endswith(_TMP_SUFFIX):
             result.tmp_files.append(name)
-        elif name != _LOCK_NAME:
+        elif name not in (_LOCK_NAME, MANIFEST_NAME):
             result.other_files.append(name)
     result.snapshots.sort(key=lambda s: s.seq, reverse=True)
     result.segments.sort(key=lambda s: s.first_seq)
+    _apply_manifest(state_dir, names, result)
 
     for snap in result.snapshots:
         if result.snapshot is not None and not full:
@@ -810,6 +865,75 @@ def _analyse_files(state_dir: Path, *, full: bool, unusable: Mapping[int, str]) 
     return result
 
 
+def _apply_manifest(state_dir: Path, names: list[str], result: _Analysis) -> None:
+    """Keep only the files the MANIFEST lists, and report what it makes damage.
+
+    A listed file that is missing is damage (deleting the newest segment must
+    never silently lose what it held). A file the MANIFEST does not list is
+    left over from a rotation a crash interrupted (it is listed only once
+    complete): ignored, and removed by a repairing recovery; but an unlisted
+    segment that holds a record was never written by this journal, so it is
+    damage. Without a MANIFEST, a directory holding journal files is damage
+    too (everything present is recovered, and the start halts); an empty one
+    is a fresh start.
+    """
+    present = set(names)
+    if MANIFEST_NAME not in present:
+        holding = result.snapshots or any(
+            (state_dir / seg.name).stat().st_size > SEGMENT_HEADER_BYTES for seg in result.segments
+        )
+        if not holding:
+            # A first start that crashed before listing its first segment.
+            result.unlisted = [seg.name for seg in result.segments]
+            result.segments = []
+        else:
+            result.damage = Damage(
+                file=MANIFEST_NAME,
+                offset=0,
+                detail="missing: the live snapshot and segments are not known "
+                "(every journal file present is recovered)",
+            )
+        return
+    manifest, why = _read_manifest(state_dir / MANIFEST_NAME)
+    if manifest is None:
+        result.damage = Damage(file=MANIFEST_NAME, offset=0, detail=str(why))
+        return
+    result.manifest = manifest
+    listed = set(manifest["snapshots"]) | set(manifest["segments"])
+    result.missing = [
+        name for name in [*manifest["snapshots"], *manifest["segments"]] if name not in present
+    ]
+    if result.missing:
+        result.damage = Damage(
+            file=result.missing[-1],
+            offset=0,
+            detail="listed in the MANIFEST but missing",
+        )
+    result.unlisted = [snap.name for snap in result.snapshots if snap.name not in listed]
+    result.snapshots = [snap for snap in result.snapshots if snap.name in listed]
+    live = [seg for seg in result.segments if seg.name in listed]
+    # Records of an unlisted segment from before the live journal were retired
+    # by a snapshot; records after it were never written by this journal,
+    # which lists a segment before it writes into it.
+    boundary = max(
+        [seg.first_seq for seg in live] + [snap.seq + 1 for snap in result.snapshots] + [1]
+    )
+    for seg in result.segments:
+        if seg.name in listed:
+            continue
+        if (state_dir / seg.name).stat().st_size <= SEGMENT_HEADER_BYTES:
+            result.unlisted.append(seg.name)
+        elif seg.first_seq <= boundary:
+            result.retired.append(seg.name)
+        elif result.damage is None:
+            result.damage = Damage(
+                file=seg.name,
+                offset=SEGMENT_HEADER_BYTES,
+                detail="holds records the MANIFEST does not know of",
+            )
+    result.segments = live
+
+
 def _recovered(analysis: _Analysis) -> Recovered:
     snap = analysis.snapshot
     return Recovered(
@@ -825,6 +949,8 @@ def _recovered(analysis: _Analysis) -> Recovered:
             and analysis.damage is None
             and all(seg.records == 0 for seg in analysis.segments)
         ),
+        live_snapshots=tuple(sorted(snap.name for snap in analysis.snapshots)),
+        live_segments=tuple(seg.name for seg in analysis.segments),
     )
 
 
@@ -873,9 +999,20 @@ def recover(
     analysis = _analyse(state_dir, full=False, unusable=unusable_snapshots)
     if repair and analysis.exists:
         ops = ops or FileOps()
-        if analysis.tmp_files:
-            for name in analysis.tmp_files:
-                ops.unlink(state_dir / name)
+        # Left by a step a crash interrupted: temporary files, and (when the
+        # MANIFEST is sound) snapshot and segment files it never listed.
+        leftovers = list(analysis.tmp_files)
+        retired: list[str] = []
+        if analysis.damage is None:
+            leftovers += analysis.unlisted
+            retired = analysis.retired
+        stamp = time.time_ns()
+        for name in retired:
+            log.warning("%s holds retired records and is not listed: set aside", name)
+            ops.replace(state_dir / name, state_dir / f"{name}.unlisted-{stamp}")
+        for name in leftovers:
+            ops.unlink(state_dir / name)
+        if leftovers or retired:
             ops.fsync_dir(state_dir)
         if analysis.torn_tail is not None:
             _repair_torn_tail(ops, state_dir, analysis.torn_tail)
@@ -910,7 +1047,9 @@ def inspect_state_dir(state_dir: Path) -> dict[str, Any]:
     ``first_seq``/``last_seq`` (of those records; ``last_seq`` falls back to the
     snapshot's), ``snapshot_seq``, ``damage`` and ``torn_tail`` (exactly what
     :func:`recover` would report, as dicts), ``snapshot_payload``, ``tail_payloads``,
-    ``tmp_files`` and ``other_files``.
+    ``tmp_files``, ``other_files``, ``manifest`` (its lists, or None), ``missing``
+    (listed files that are not there) and ``unlisted`` (snapshot and segment files it
+    does not list).
     """
     state_dir = Path(state_dir)
     for attempt in range(5):
@@ -1116,6 +1255,9 @@ class Journal:
         self._seg_written = 0  # bytes of the current segment written successfully
         self._seg_synced = 0  # bytes of the current segment covered by an fdatasync
         self._seg_acked = 0  # bytes of the current segment already reported durable
+        # The files the MANIFEST lists, in order (snapshots oldest first).
+        self._live_snapshots = list(recovered.live_snapshots)
+        self._live_segments = list(recovered.live_segments)
 
     # ------------------------------------------------------------------ properties
 
@@ -1522,9 +1664,15 @@ class Journal:
                 # Keep the unreadable snapshot for the operator instead of overwriting it.
                 ops.replace(clash, clash.with_name(f"{clash.name}.damaged-{stamp}"))
             _write_snapshot_file(ops, self._dir, rescue.seq, _snapshot_payload(rescue.payload))
+            # The snapshot alone is the state now: listed before anything is
+            # set aside, so no crash can find a listed file missing.
+            self._live_snapshots = [snapshot_name(rescue.seq)]
+            self._live_segments = []
+            self._write_manifest()
             # Only now that the snapshot covering them is durable may segments go.
             self._set_aside_unusable_files(rescue.seq, stamp)
         self._new_segment(self._last_seq + 1)
+        self._write_manifest()
 
     def _set_aside_unusable_files(self, keep_snapshot_seq: int, stamp: int) -> None:
         ops = self._ops
@@ -1555,6 +1703,24 @@ class Journal:
         self._fd = fd
         self._seg_first_seq = first_seq
         self._seg_written = self._seg_synced = self._seg_acked = SEGMENT_HEADER_BYTES
+        # Live once the MANIFEST says so: nothing is written to it before.
+        if path.name not in self._live_segments:
+            self._live_segments.append(path.name)
+
+    def _write_manifest(self) -> None:
+        """List the live files: a temporary file, fsynced, renamed over the
+        MANIFEST, the directory fsynced (a crash leaves the old or the new)."""
+        ops = self._ops
+        final = self._dir / MANIFEST_NAME
+        tmp = final.with_name(MANIFEST_NAME + _TMP_SUFFIX)
+        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            _write_all(ops, fd, manifest_bytes(self._live_snapshots, self._live_segments))
+            ops.fsync(fd)
+        finally:
+            ops.close(fd)
+        ops.replace(tmp, final)
+        ops.fsync_dir(self._dir)
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -1629,26 +1795,36 @@ class Journal:
         _write_snapshot_file(ops, self._dir, request.seq, _snapshot_payload(request.payload))
         if self._seg_first_seq != request.seq + 1:
             self._new_segment(request.seq + 1)
-        self._prune(request.seq)
+        name = snapshot_name(request.seq)
+        if name not in self._live_snapshots:
+            self._live_snapshots.append(name)
+        # The MANIFEST lists the new files and no longer the redundant ones;
+        # only then do those go (a crash in between leaves unlisted leftovers).
+        doomed = self._retire(request.seq)
+        self._write_manifest()
+        for name in doomed:
+            ops.unlink(self._dir / name)
+        if doomed:
+            ops.fsync_dir(self._dir)
         progress.snapshots.append(request)
 
-    def _prune(self, newest_seq: int) -> None:
-        names = os.listdir(self._dir)
-        snapshot_seqs = sorted(int(m[1]) for name in names if (m := _SNAPSHOT_RE.fullmatch(name)))
+    def _retire(self, newest_seq: int) -> list[str]:
+        """Take the files a new snapshot at ``newest_seq`` makes redundant off
+        the live lists; returns their names."""
+        snapshot_seqs = sorted(int(name[9:29]) for name in self._live_snapshots)
         older = [s for s in snapshot_seqs if s < newest_seq]
         if not older:
-            return
+            return []
         # Keep the journal back to the previous snapshot, so losing the newest one to a
         # bad sector still recovers everything from the previous one plus the journal.
         previous = older[-1]
-        firsts = sorted(int(m[1]) for name in names if (m := _SEGMENT_RE.fullmatch(name)))
+        firsts = sorted(int(name[8:28]) for name in self._live_segments)
         doomed: list[str] = []
         for first, following in itertools.pairwise(firsts):
             if following <= previous + 1 and first != self._seg_first_seq:
                 doomed.append(segment_name(first))
         doomed.extend(snapshot_name(s) for s in older[:-1])
-        if not doomed:
-            return
-        for name in doomed:
-            self._ops.unlink(self._dir / name)
-        self._ops.fsync_dir(self._dir)
+        gone = set(doomed)
+        self._live_snapshots = [n for n in self._live_snapshots if n not in gone]
+        self._live_segments = [n for n in self._live_segments if n not in gone]
+        return doomed

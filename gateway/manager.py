@@ -538,10 +538,12 @@ class EmergencyManager:
     def set_emergency(
         self, request: EmergencySet, actor: str, now_ms: int | None = None
     ) -> dict[str, Any]:
-        """Prepare and apply at once (no persistence in between). Returns EMERGENCY."""
+        """Prepare and ``stage`` a mode change; returns EMERGENCY. Without a
+        store it is published at once; with one, once its record is durable
+        (the EMERGENCY returned does not show it yet)."""
         record = self.prepare_emergency(request, actor, now_ms)
         if record is not None:
-            self.apply_record(record)
+            self.stage(record)
         return self.emergency_view()
 
     def _apply_emergency(self, rec: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -63,6 +64,17 @@ def encode_snapshot(seq: int, payload: dict[str, Any]) -> bytes:
     body = orjson.dumps(payload)
     head = b"RGS1" + struct.pack("<IQQ", 1, seq, len(body))
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
+
+
+def list_live(state: Path) -> None:
+    """A MANIFEST listing every snapshot and segment file present, as the
+    journal writes it (for directories these tests build by hand)."""
+    names = sorted(p.name for p in state.iterdir())
+    snapshots = [n for n in names if re.fullmatch(r"snapshot-\d{20}\.snap", n)]
+    segments = [n for n in names if re.fullmatch(r"journal-\d{20}\.log", n)]
+    body = orjson.dumps({"snapshots": snapshots, "segments": segments})
+    head = b"RGM1" + struct.pack("<II", 1, len(body)) + struct.pack("<I", zlib.crc32(body))
+    (state / "MANIFEST").write_bytes(head + body)
 
 
 def frame_bounds(data: bytes) -> list[int]:
@@ -196,6 +208,7 @@ async def test_snapshots_when_due_then_old_files_removed_and_recovery_uses_snaps
     assert journal.stats["snapshots"] == 3
     # The newest two snapshots stay, with the journal back to the older one.
     assert sorted(p.name for p in state.iterdir() if p.name != "LOCK") == [
+        "MANIFEST",
         seg_name(21),
         seg_name(31),
         snap_name(20),
@@ -260,6 +273,7 @@ async def test_torn_tail_at_every_offset_of_last_three_frames_then_exact_prefix(
         state = tmp_path / f"cut{cut}"
         state.mkdir()
         (state / seg_name(1)).write_bytes(data[:cut])
+        list_live(state)
         frames = sum(1 for end in bounds[1:] if end <= cut)
         complete = sum(counts[:frames])
         good_len = bounds[frames]
@@ -282,19 +296,22 @@ async def test_torn_tail_at_every_offset_of_last_three_frames_then_exact_prefix(
         ]
 
 
-async def test_torn_segment_header_when_last_then_dropped_and_removed(tmp_path: Path) -> None:
+async def test_torn_segment_header_when_not_yet_listed_then_left_over_and_removed(
+    tmp_path: Path,
+) -> None:
+    # A crash while a new segment's header was written: the MANIFEST does not
+    # list it yet, so it is a leftover, not the journal's tail.
     state = tmp_path / "state"
     await write_records(state, [1, 2, 3])
     (state / seg_name(4)).write_bytes(encode_segment_header(4)[:7])
 
     peek = recover(state, repair=False)
-    assert peek.torn_tail is not None and peek.torn_tail.file == seg_name(4)
+    assert peek.damage is None and peek.torn_tail is None and peek.last_seq == 3
     assert (state / seg_name(4)).exists()
 
     rec = recover(state)
 
-    assert rec.damage is None and rec.last_seq == 3
-    assert rec.torn_tail is not None and rec.torn_tail.offset == 0
+    assert rec.damage is None and rec.torn_tail is None and rec.last_seq == 3
     assert not (state / seg_name(4)).exists()
     await write_records(state, [4])
     assert recover(state).records[-1] == (4, payload(4))
@@ -364,6 +381,7 @@ async def test_flipped_byte_in_middle_frame_then_damage_names_file_and_offset(
         corrupted = bytearray(data)
         corrupted[pos] ^= 0xFF
         (state / seg_name(1)).write_bytes(bytes(corrupted))
+        list_live(state)
 
         rec = recover(state)
 
@@ -405,6 +423,7 @@ def test_sequence_discontinuity_when_checksums_valid_then_damage(tmp_path: Path)
         encode_frame(7, [payload(7)]),
     ]
     (state / seg_name(1)).write_bytes(encode_segment_header(1) + b"".join(frames))
+    list_live(state)
 
     rec = recover(state)
 
@@ -421,6 +440,7 @@ def test_journal_starting_after_snapshot_seq_when_recovering_then_gap_damage(
     state.mkdir()
     (state / snap_name(5)).write_bytes(encode_snapshot(5, {"items": [1, 2, 3, 4, 5]}))
     (state / seg_name(8)).write_bytes(encode_segment_header(8) + encode_frame(8, [payload(8)]))
+    list_live(state)
 
     rec = recover(state)
 
@@ -439,6 +459,7 @@ def test_checksummed_record_that_is_not_an_object_then_damage_at_its_frame(
     (state / seg_name(1)).write_bytes(
         encode_segment_header(1) + good + bad + encode_frame(5, [payload(5)])
     )
+    list_live(state)
 
     rec = recover(state)
 
@@ -468,6 +489,7 @@ def test_checksummed_frame_that_does_not_hold_its_count_then_damage_at_its_frame
     (state / seg_name(1)).write_bytes(
         encode_segment_header(1) + good + encode_frame_body(3, count, body)
     )
+    list_live(state)
 
     rec = recover(state)
     report = inspect_state_dir(state)
@@ -487,6 +509,7 @@ def test_checksummed_frame_of_no_records_then_not_a_frame(tmp_path: Path) -> Non
     empty = encode_frame_body(2, 0, b"[]")
     path = state / seg_name(1)
     path.write_bytes(encode_segment_header(1) + good + empty + encode_frame(2, [payload(2)]))
+    list_live(state)
 
     damaged = recover(state, repair=False)
     path.write_bytes(encode_segment_header(1) + good + empty)
@@ -513,6 +536,7 @@ def test_snapshot_inside_a_frame_when_recovering_then_records_after_it_only(
         + encode_frame(5, [payload(i) for i in range(5, 9)])
         + encode_frame(9, [payload(9)])
     )
+    list_live(state)
 
     rec = recover(state)
     report = inspect_state_dir(state)
@@ -708,6 +732,7 @@ async def test_start_when_newest_snapshot_unreadable_at_same_seq_then_kept_aside
     state = tmp_path / "state"
     await write_records(state, list(range(1, 13)), wave=5, snapshot_every=5)
     (state / seg_name(11)).unlink()  # the journal now ends exactly at the snapshot's seq
+    list_live(state)
     bad = state / snap_name(10)
     bad_bytes = bad.read_bytes()[:-1] + b"!"
     bad.write_bytes(bad_bytes)

@@ -303,7 +303,8 @@ async def test_snapshot_now_when_snapshot_write_fails_then_raises_instead_of_han
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    ops = FaultyOps(fail_at=1, kinds=frozenset({"replace"}), persistent=True)
+    # The first rename is the MANIFEST's at start; the second, the snapshot's.
+    ops = FaultyOps(fail_at=2, kinds=frozenset({"replace"}), persistent=True)
     failures: list[PersistenceError] = []
     journal = Journal(
         state,
@@ -394,6 +395,7 @@ async def test_repair_fails_during_recovery_then_os_error_and_next_recovery_succ
         case = tmp_path / kind
         case.mkdir()
         (case / segment.name).write_bytes(torn)
+        (case / "MANIFEST").write_bytes((state / "MANIFEST").read_bytes())
         with pytest.raises(OSError):
             recover(case, ops=FaultyOps(fail_at=1, kinds=frozenset({kind}), persistent=True))
 

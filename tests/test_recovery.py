@@ -16,6 +16,7 @@ from gateway.store import Store
 from protocol.codes import Mode
 from protocol.messages import EmergencySet, OrderValidate, PositionUpdate, PriceUpdate
 from tests.conftest import ADMIN, VIEWER, GatewayFactory
+from tests.statedir import list_live
 
 
 async def _write_history(make_gateway: GatewayFactory, state_dir: Path, **kwargs: object) -> None:
@@ -45,6 +46,7 @@ async def test_start_when_journal_damaged_mid_file_then_halted_with_alert_and_in
     segment = sorted(state_dir.glob("journal-*.log"))[0]
     for snap in state_dir.glob("snapshot-*.snap"):
         snap.unlink()  # recover from the journal alone, through the damage
+    list_live(state_dir)
     middle = segment.stat().st_size // 2
     _flip(segment, middle)
 
@@ -165,7 +167,9 @@ async def _run_history(
             manager.expire_reservations(now[0])
         last = store.commit() or last
         manager.drain_events()
-    await store.durable(last)
+    # Synced, not only durable: emergency changes are published once fsynced.
+    await store.synced(last)
+    manager.drain_events()
     expected = (manager.state_view(), manager.snapshot())
     # A crash loses nothing written; close without the final snapshot to
     # recover from the journal (and any periodic snapshot) as a crash would.
