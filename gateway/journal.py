@@ -48,15 +48,20 @@ grew before its data landed) never parses as a frame; note that ``zlib.crc32(b""
 0``, which is why the magic alone carries that guarantee. Frames in a segment carry
 the records ``first_seq``, ``first_seq + 1``, ... of the segment with no gaps.
 
-Snapshot file, 28 bytes of header then the payload::
+Snapshot file (version 2), 32 bytes of header, a checksum per 64 KiB block, the payload::
 
-    b"RGS1" | u32 version=1 | u64 seq | u64 length | u32 crc32
+    b"RGS1" | u32 version=2 | u64 seq | u64 length | u32 block=65536 | u32 crc32(28 bytes)
+    u32 crc32 of each block of the payload | u32 crc32 of those | payload[length]
 
-``crc32`` covers the first 24 header bytes and the payload, and ``seq`` must match the
-file name. A snapshot is written to ``.tmp``, fsync'ed, renamed into place and the
-directory fsync'ed; then a new segment ``journal-<seq+1>.log`` is started, and only
-then are old files removed: segments whose records are all covered by the *previous*
-snapshot, and snapshots older than the previous one. Keeping one snapshot interval of
+so damage is reported at the block that holds it; ``seq`` must match the file name.
+Version 1 (read still): ``b"RGS1" | u32 1 | u64 seq | u64 length | u32 crc32`` of the
+first 24 header bytes and the payload, then the payload.
+
+A snapshot is written to ``.tmp``, fsync'ed, renamed into place and the directory
+fsync'ed; then a new segment ``journal-<seq+1>.log`` is started, the MANIFEST lists
+them (and no longer what they retire), and only then are old files removed: segments
+whose records are all covered by the *previous* snapshot, and snapshots older than the
+previous one. Keeping one snapshot interval of
 journal means a newest snapshot that later turns unreadable still recovers completely
 (from the previous snapshot plus the journal), though it is reported as damage.
 
@@ -137,7 +142,7 @@ log = logging.getLogger(__name__)
 FsyncPolicy = Literal["always", "interval", "never"]
 
 SEGMENT_VERSION: Final = 2  # 2: one frame of records per batch; 1 had a frame per record
-SNAPSHOT_VERSION: Final = 1
+SNAPSHOT_VERSION: Final = 2  # 2: a checksum per block; 1 (still read) had one in all
 SEGMENT_MAGIC: Final = b"RGJ1"
 SNAPSHOT_MAGIC: Final = b"RGS1"
 FRAME_MAGIC: Final = 0xA5
@@ -151,7 +156,10 @@ MAX_RECORD_BYTES: Final = MAX_FRAME_BYTES - 2
 _SEGMENT_HEADER = struct.Struct("<4sIQI")
 _FRAME_HEADER = struct.Struct("<BIIQI")
 _FRAME_TAIL = struct.Struct("<QI")  # first_seq, count: the CRC-covered part of the header
-_SNAPSHOT_HEADER = struct.Struct("<4sIQQI")
+_SNAPSHOT_HEADER = struct.Struct("<4sIQQI")  # version 1
+# Version 2: magic, version, seq, length, block size, crc32 of the 28 bytes before.
+_SNAPSHOT_HEADER_V2 = struct.Struct("<4sIQQII")
+SNAPSHOT_BLOCK_BYTES: Final = 64 * 1024
 SEGMENT_HEADER_BYTES: Final = _SEGMENT_HEADER.size  # 20
 FRAME_HEADER_BYTES: Final = _FRAME_HEADER.size  # 21
 SNAPSHOT_HEADER_BYTES: Final = _SNAPSHOT_HEADER.size  # 28
@@ -327,9 +335,17 @@ def _snapshot_payload(state: dict[str, Any]) -> bytes:
 
 
 def _snapshot_bytes(seq: int, payload: bytes) -> bytes:
-    head = _SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, seq, len(payload), 0)
-    crc = zlib.crc32(payload, zlib.crc32(head[:24]))
-    return head[:24] + crc.to_bytes(4, "little") + payload
+    """A version-2 snapshot file: header, a crc32 per block of the payload (and one
+    of that table), payload. Damage is then reported at the block that holds it."""
+    block = SNAPSHOT_BLOCK_BYTES
+    head = _SNAPSHOT_HEADER_V2.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, seq, len(payload), block, 0)
+    head = head[:28] + zlib.crc32(head[:28]).to_bytes(4, "little")
+    view = memoryview(payload)
+    table = b"".join(
+        zlib.crc32(view[at : at + block]).to_bytes(4, "little")
+        for at in range(0, len(payload), block)
+    )
+    return head + table + zlib.crc32(table).to_bytes(4, "little") + payload
 
 
 def _segment_header(first_seq: int) -> bytes:
@@ -509,7 +525,9 @@ def _read_snapshot(path: Path, seq: int) -> tuple[dict[str, Any] | None, Damage 
     magic, version, head_seq, length, crc = _SNAPSHOT_HEADER.unpack_from(data)
     if magic != SNAPSHOT_MAGIC:
         return None, Damage(file=name, offset=0, detail="bad snapshot magic")
-    if version != SNAPSHOT_VERSION:
+    if version == SNAPSHOT_VERSION:
+        return _read_snapshot_v2(name, data, seq)
+    if version != 1:
         return None, Damage(file=name, offset=4, detail=f"unsupported snapshot version {version}")
     if head_seq != seq:
         return None, Damage(
@@ -535,6 +553,52 @@ def _read_snapshot(path: Path, seq: int) -> tuple[dict[str, Any] | None, Damage 
         return None, Damage(
             file=name, offset=SNAPSHOT_HEADER_BYTES, detail="snapshot payload is not an object"
         )
+    return payload, None
+
+
+def _read_snapshot_v2(
+    name: str, data: bytes, seq: int
+) -> tuple[dict[str, Any] | None, Damage | None]:
+    head = _SNAPSHOT_HEADER_V2
+    if len(data) < head.size:
+        return None, Damage(file=name, offset=0, detail="truncated snapshot header")
+    _magic, _version, head_seq, length, block, crc = head.unpack_from(data)
+    view = memoryview(data)
+    if zlib.crc32(view[:28]) != crc:
+        return None, Damage(file=name, offset=0, detail="snapshot header checksum mismatch")
+    if head_seq != seq:
+        return None, Damage(
+            file=name, offset=8, detail=f"snapshot header says seq {head_seq}, name says {seq}"
+        )
+    blocks = -(-length // block) if block else -1
+    start = head.size + 4 * blocks + 4
+    if blocks < 0 or start + length != len(data):
+        return None, Damage(
+            file=name,
+            offset=16,
+            detail=f"snapshot length {length} does not match the file's {len(data)} bytes",
+        )
+    table = view[head.size : start - 4]
+    if zlib.crc32(table) != int.from_bytes(view[start - 4 : start], "little"):
+        return None, Damage(
+            file=name, offset=head.size, detail="snapshot block checksum table mismatch"
+        )
+    for index in range(blocks):
+        at = start + index * block
+        expected = int.from_bytes(table[4 * index : 4 * index + 4], "little")
+        if zlib.crc32(view[at : min(at + block, len(data))]) != expected:
+            return None, Damage(
+                file=name,
+                offset=at,
+                detail=f"snapshot checksum mismatch in the {block}-byte block at offset {at}",
+            )
+    body = view[start:]
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, Damage(file=name, offset=start, detail="undecodable snapshot payload")
+    if not isinstance(payload, dict):
+        return None, Damage(file=name, offset=start, detail="snapshot payload is not an object")
     return payload, None
 
 

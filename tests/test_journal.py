@@ -1291,3 +1291,31 @@ async def test_restarts_when_each_run_appends_less_than_snapshot_every_then_stil
         assert len(rec.records) <= 10 + 6, (run, len(rec.records))
         model = Model(rec)
     assert Model(recover(state)).items == list(range(48))
+
+
+async def test_flipped_byte_in_snapshot_when_recovering_then_offset_names_its_block(
+    tmp_path: Path,
+) -> None:
+    # A damaged snapshot is reported where it is damaged, not "at offset 0".
+    base = tmp_path / "base"
+    model = Model()
+    model.items = list(range(60_000))  # a payload of several 64 KiB blocks
+    await write_records(base, [1, 2, 3], model=model, wave=3, close_snapshot=True)
+    (snap,) = base.glob("snapshot-*.snap")
+    data = snap.read_bytes()
+    assert len(data) > 4 * 65536
+    block = 65536
+    payload_start = len(data) - len(orjson.dumps({"items": model.items, "halted": False}))
+    for flip in [payload_start + 10, payload_start + 3 * block + 77, len(data) - 1]:
+        state = tmp_path / f"flip{flip}"
+        shutil.copytree(base, state)
+        damaged = bytearray(data)
+        damaged[flip] ^= 0x10
+        (state / snap.name).write_bytes(bytes(damaged))
+
+        rec = recover(state, repair=False)
+
+        assert rec.damage is not None and rec.damage.file == snap.name
+        block_start = payload_start + (flip - payload_start) // block * block
+        assert rec.damage.offset == block_start, (flip, rec.damage)
+        assert "checksum" in rec.damage.detail
