@@ -140,6 +140,13 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
     except StateDirLocked as exc:
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 1
+    except (OSError, PersistenceError) as exc:
+        # Read-only, no permission, not a directory, no space: one line, exit 2.
+        print(
+            f"risk-gateway: cannot open the state directory {state_dir}: {_why(exc, state_dir)}",
+            file=sys.stderr,
+        )
+        return 2
     manager = gateway.manager
     store = gateway.store
     assert store is not None and store.recovered is not None
@@ -187,6 +194,16 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
         return 1
     log.info("stopped cleanly")
     return 0
+
+
+def _why(error: BaseException, state_dir: Path) -> str:
+    """What kept the state directory from opening, in a few words."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return "it is not a directory"
+    cause = error.__cause__ if isinstance(error, PersistenceError) else error
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror + (f" ({cause.filename})" if cause.filename else "")
+    return str(error)
 
 
 async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, Any]) -> None:
