@@ -1097,7 +1097,8 @@ class EmergencyManager:
         book = self.accounts.get(account)
         if book is None:
             book = self._book(account)
-        if order.reserve:
+        elif order.reserve:
+            # Before anything changes (a new account holds nothing: no cap to pass).
             self._check_reservation_caps(book, order)
         recent = book.recent_orders
         recent.append(now)
