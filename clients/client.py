@@ -505,7 +505,8 @@ class GatewayClient:
         return await self.request("position.snapshot", params)
 
     async def update_price(self, symbol: str, price: DecimalLike) -> JSONObject:
-        """``price.update``: the reference price the collar compares with."""
+        """``price.update``: the reference price every account's collar compares
+        with. Needs a ``feed`` or ``admin`` token (a trader gets ``FORBIDDEN``)."""
         return await self.request(
             "price.update", {"symbol": symbol, "price": decimal_text(price, "price")}
         )
