@@ -498,6 +498,19 @@ class Gateway:
                 await asyncio.sleep(0)
 
     async def _on_frame(self, session: Session, frame: bytes) -> None:
+        if session.principal is None:
+            method = codec.peek_method(frame)
+            if method is not None and method != "session.auth":
+                # Before authentication no method is known to the caller.
+                metrics.count_request("?", ErrorCode.UNAUTHENTICATED.value)
+                await session.send(
+                    codec.encode_error(
+                        codec.peek_id(frame),
+                        ErrorCode.UNAUTHENTICATED,
+                        "authenticate first with session.auth",
+                    )
+                )
+                return
         try:
             request = codec.decode(frame)
         except ProtocolError as exc:

@@ -652,6 +652,18 @@ def _decode_object(frame: bytes | str, obj: Any) -> Request:
         raise
 
 
+def peek_method(frame: bytes | str) -> str | None:
+    """The frame's method if it is a JSON object with a string ``method``, else
+    None (a connection that has not authenticated is answered ``UNAUTHENTICATED``
+    for any method but ``session.auth``, known or not)."""
+    try:
+        obj = _read_json(frame)
+    except ProtocolError:
+        return None
+    method = obj.get("method") if isinstance(obj, dict) else None
+    return method if isinstance(method, str) else None
+
+
 def peek_id(frame: bytes | str) -> RequestId | None:
     """The frame's id if it has a usable one, else None (for refusals before decoding)."""
     try:
