@@ -37,6 +37,13 @@ AUTH_FAILURES = Counter(
 CONNECTIONS = Gauge(
     "riskgw_connections", "Authenticated connections by role", ["role"], registry=REGISTRY
 )
+CONNECTIONS_REFUSED = Counter(
+    "riskgw_connections_refused_total",
+    "Sockets refused (HTTP 503) or pushed out before authenticating, by cause:"
+    " unauthenticated, fd_budget, max_connections, per_ip",
+    ["reason"],
+    registry=REGISTRY,
+)
 SUBSCRIBERS = Gauge("riskgw_subscribers", "Subscribers per channel", ["channel"], registry=REGISTRY)
 QUEUED_BYTES = Gauge("riskgw_queued_bytes", "Bytes queued for all subscribers", registry=REGISTRY)
 EVICTIONS = Counter(

@@ -31,6 +31,7 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
 from gateway import metrics
+from gateway.admission import FD_RESERVE, Admission, GatewayConnection, open_fds, raise_fd_limit
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
@@ -194,7 +195,9 @@ class Gateway:
         self.sessions: dict[int, Session] = {}
         self.per_ip: dict[str, int] = {}
         self._next_conn = 1
-        self._preauth: dict[ServerConnection, Principal] = {}
+        self.admission = Admission(
+            max_unauthenticated=config.server.max_unauthenticated, fd_budget=1 << 30
+        )
         self._admin_lock = asyncio.Lock()
         if store is not None:
             store.on_failure = self._persistence_failed(store.on_failure)
@@ -214,11 +217,17 @@ class Gateway:
             await self.store.start()
         self._publish()
         server_cfg = self.config.server
+        fd_limit = raise_fd_limit()
+        self.admission.fd_budget = max(1, fd_limit - open_fds() - FD_RESERVE)
+        log.info(
+            "open-file limit %d: at most %d sockets at once", fd_limit, self.admission.fd_budget
+        )
         self._server = await serve(
             self._handle,
             server_cfg.host,
             server_cfg.port,
             process_request=self._process_request,
+            create_connection=self.admission.connection_class(),
             compression=None,
             max_size=server_cfg.max_message_bytes,
             ping_interval=20,
@@ -269,6 +278,7 @@ class Gateway:
     async def _process_request(
         self, connection: ServerConnection, request: HttpRequest
     ) -> HttpResponse | None:
+        self.admission.request_read(connection)
         path = request.path.split("?", 1)[0]
         if path != WS_PATH:
             return await self._http(connection, request, path)
@@ -284,8 +294,10 @@ class Gateway:
         peer = _peer_host(connection)
         server_cfg = self.config.server
         if len(self.sessions) >= server_cfg.max_connections:
+            metrics.CONNECTIONS_REFUSED.labels(reason="max_connections").inc()
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.per_ip.get(peer, 0) >= server_cfg.max_connections_per_ip:
+            metrics.CONNECTIONS_REFUSED.labels(reason="per_ip").inc()
             return connection.respond(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address\n"
             )
@@ -301,7 +313,12 @@ class Gateway:
                 response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid token\n")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="risk-gateway"'
                 return response
-            self._preauth[connection] = principal
+            assert isinstance(connection, GatewayConnection)
+            connection.principal = principal
+        elif not self.admission.wait_for_auth(connection):
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "too many unauthenticated connections\n"
+            )
         return None
 
     def _allowed_origins(self) -> set[str]:
@@ -391,7 +408,8 @@ class Gateway:
         session = Session(conn_id=conn_id, ws=ws, outbox=outbox, peer=peer)
         self.sessions[conn_id] = session
         self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
-        principal = self._preauth.pop(ws, None)
+        assert isinstance(ws, GatewayConnection)
+        principal = ws.principal
         auth_timer: asyncio.TimerHandle | None = None
         if principal is not None:
             self._authenticated(session, principal)
@@ -414,6 +432,7 @@ class Gateway:
 
     def _authenticated(self, session: Session, principal: Principal) -> None:
         session.principal = principal
+        self.admission.authenticated(session.ws)
         self.fanout.add(session)  # type: ignore[arg-type]
 
     def _auth_timeout(self, session: Session) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -51,8 +52,16 @@ class GatewayProcess:
         self.url = url
 
     @classmethod
-    async def start(cls, config: Path, *extra: str, timeout: float = 20) -> GatewayProcess:
+    async def start(
+        cls, config: Path, *extra: str, timeout: float = 20, fd_limit: int | None = None
+    ) -> GatewayProcess:
+        """Start ``serve``; ``fd_limit`` lowers its soft and hard open-file limits."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        def limit_fds() -> None:
+            if fd_limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -64,6 +73,7 @@ class GatewayProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            preexec_fn=limit_fds if fd_limit is not None else None,
         )
         assert proc.stdout is not None
         async with asyncio.timeout(timeout):
