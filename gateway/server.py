@@ -112,6 +112,10 @@ def _now_ms() -> int:
 #: before its next frame (fairness under a flood of costly requests).
 _TURN_BUDGET_S = 0.001
 
+#: How long a closing handshake may take before the socket is aborted (a
+#: client that never answers the close must not hold up a shutdown).
+CLOSE_TIMEOUT_S = 2.0
+
 #: Answers held for one write while a burst of requests is handled, at most.
 ANSWER_BATCH_BYTES = 64 * 1024
 
@@ -228,6 +232,7 @@ class Gateway:
             server_cfg.port,
             process_request=self._process_request,
             create_connection=self.admission.connection_class(),
+            close_timeout=CLOSE_TIMEOUT_S,
             compression=None,
             max_size=server_cfg.max_message_bytes,
             ping_interval=20,

@@ -85,6 +85,39 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     )
 
 
+async def test_sigterm_when_a_client_never_answers_the_close_then_stop_not_held_up(
+    tmp_path: Path,
+) -> None:
+    """websockets waits 10 s for a closing handshake by default; the gateway
+    bounds it (docs/operations.md), so one silent client cannot hold up a stop."""
+    config = write_config(tmp_path / "gw.toml", tmp_path / "state")
+    proc = await GatewayProcess.start(config)
+    try:
+        host, port = proc.url.split("/")[2].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            (
+                f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer trader-token\r\n\r\n"
+            ).encode()
+        )
+        assert b" 101 " in await reader.readline()
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)  # the emergency push has begun: authenticated
+        # From now on this client reads nothing and never answers a close.
+        started = time.monotonic()
+        proc.terminate()
+        assert await proc.wait(timeout=30) == 0
+        # Well under websockets' own 10 s close timeout.
+        assert time.monotonic() - started < 7
+        writer.close()
+    finally:
+        if proc.proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_sigterm_while_streaming_then_exit_0_clients_see_1001_and_every_ack_survives(
     tmp_path: Path,
 ) -> None:
