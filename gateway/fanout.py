@@ -39,13 +39,16 @@ subscribe to ``exposure`` again (with no ``resume``) to get a fresh snapshot of
 its accounts. Every other channel is the same for every subscriber that may
 read it, and there a jump is a real gap (see the next paragraph).
 
-Slow consumers. When a connection's output (queued pushes plus the socket's
-write buffer) would pass ``max_queued_bytes``, an ``emergency`` push first
-makes room by dropping queued pushes the client can detect as missing (seq'd
-events and heartbeats; never responses or snapshots), so an emergency change
-always reaches a connected client. The client sees the seq gap and subscribes
-again with ``resume``. Any other push that does not fit evicts the connection:
-it is closed with 4003 and an alert ``SLOW_CONSUMER`` is raised.
+Slow consumers. A connection is closed 4003 (and an alert ``SLOW_CONSUMER``
+raised) only when its output (queued frames plus the socket's write buffer)
+is over ``max_queued_bytes`` and the client took none of it for
+``slow_consumer_ms``; a client that keeps reading is never closed, however
+large one answer is. While the output is over the bound, pushes the client can
+detect as missing (seq'd events and heartbeats; never responses, snapshots or
+replayed events) are dropped instead of queued, and an ``emergency`` push first
+drops the ones already queued, so an emergency change always reaches a
+connected client. The client sees the seq gap and subscribes again with
+``resume``.
 
 Exposure pushes are coalesced: at most one per account every ``coalesce_ms``,
 always carrying the values at send time, and a change inside the window is
@@ -239,6 +242,11 @@ def text_frame(payload: bytes) -> bytes:
     return _HEADER_64.pack(0x81, 127, length) + payload
 
 
+def _framed_size(length: int) -> int:
+    """Bytes of ``text_frame`` for a payload of ``length`` bytes."""
+    return length + (2 if length < 126 else 4 if length < 65536 else 10)
+
+
 def _takes_frames(ws: ServerConnection) -> bool:
     """True when frames framed here may go straight to the connection's
     transport: open, under the high-water mark, no fragmented send of
@@ -259,7 +267,8 @@ class Outbox:
     idle (see ``write_now``), else queues it for the gateway's ``Flusher``
     (always for ``defer``); a connection that falls behind gets a writer task
     that waits for its socket (only such a connection costs a task). Frames go out
-    in push order; the output is bounded in bytes. Once the connection is
+    in push order; output that stays over ``max_queued_bytes`` with nothing
+    taken for ``slow_consumer_ms`` evicts the connection. Once the connection is
     evicted or ``close`` was called, ``push`` returns False and sends nothing.
     """
 
@@ -270,11 +279,15 @@ class Outbox:
         "_queue",
         "_queued",
         "_scheduled",
+        "_taken_mark",
         "_urgent",
+        "_watch",
         "_writer",
+        "_written",
         "evicted",
         "eviction_queued_bytes",
         "max_queued_bytes",
+        "slow_consumer_s",
         "ws",
     )
 
@@ -285,9 +298,12 @@ class Outbox:
         max_queued_bytes: int,
         on_evict: Callable[[Outbox], None],
         flusher: Flusher,
+        slow_consumer_ms: int = 1000,
     ) -> None:
         self.ws = ws
         self.max_queued_bytes = max_queued_bytes
+        #: How long output over the bound may go without a byte taken.
+        self.slow_consumer_s = slow_consumer_ms / 1000
         #: True once this connection was evicted as a slow consumer.
         self.evicted = False
         #: The output (queue + socket buffer) the connection had when evicted.
@@ -302,6 +318,11 @@ class Outbox:
         self._scheduled = False
         self._urgent = False  # scheduled with the flusher's answers
         self._closed = False
+        # Bytes handed to the transport, framed; minus its buffer: bytes the
+        # client took. Watched while the output is over the bound.
+        self._written = 0
+        self._taken_mark = 0
+        self._watch: asyncio.TimerHandle | None = None
 
     def add_evict_callback(self, callback: Callable[[Outbox], None]) -> None:
         """Also call ``callback(outbox)`` on eviction, after ``on_evict``."""
@@ -338,14 +359,13 @@ class Outbox:
     ) -> bool:
         """Queue one JSON text frame; False if the connection is evicted or closed.
 
-        ``priority`` (emergency pushes): when the frame does not fit, queued
-        ``droppable`` frames are dropped to make room, and the connection is
-        evicted only if it still does not fit. ``droppable`` marks a frame whose
-        loss the client can detect (a seq'd event, a heartbeat); responses and
-        snapshots must not be droppable. A frame that does not fit otherwise
-        evicts the connection: ``on_evict`` is called once and the connection is
-        closed with 4003. A frame pushed onto empty output is always accepted,
-        whatever its size: only output that piles up means a slow consumer.
+        When the output is over ``max_queued_bytes``: a ``droppable`` frame (one
+        whose loss the client can detect: a seq'd event, a heartbeat) is dropped;
+        a ``priority`` frame (emergency pushes) first drops the queued droppable
+        frames; any other frame is queued. Responses, snapshots and replayed
+        events must not be droppable. Over the bound, the output is watched:
+        if the client takes none of it for ``slow_consumer_ms``, ``on_evict`` is
+        called once and the connection is closed with 4003.
 
         ``defer``: queue the frame for the flusher's next slice (see ``Flusher``)
         instead of writing it at once: for a push to many connections, and for
@@ -362,8 +382,9 @@ class Outbox:
                 self._drop_droppable()
                 queued = self.queued_bytes
             if queued and queued + size > self.max_queued_bytes:
-                self._evict(queued)
-                return False
+                self._watch_progress()
+                if droppable:
+                    return True  # dropped: the client sees the gap in seq
         if not defer and self.write_now(frame):
             return True
         self._queue.append((frame, droppable))
@@ -415,6 +436,8 @@ class Outbox:
             ws.transport.write(data)
         except Exception as exc:
             self._lost(exc)
+            return
+        self._wrote(len(data))
 
     def _start_writer(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write())
@@ -445,11 +468,47 @@ class Outbox:
         ws = self.ws
         if not _takes_frames(ws):
             return False
+        data = text_frame(frame)
         try:
-            ws.transport.write(text_frame(frame))
+            ws.transport.write(data)
         except Exception as exc:
             self._lost(exc)
+            return True
+        self._wrote(len(data))
         return True
+
+    def _wrote(self, size: int) -> None:
+        self._written += size
+        if self._watch is None and self.queued_bytes > self.max_queued_bytes:
+            self._watch_progress()
+
+    def _taken(self) -> int:
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._written - buffered
+
+    def _watch_progress(self) -> None:
+        """Check in ``slow_consumer_s`` whether the client took any output."""
+        if self._watch is None and not self._closed:
+            self._taken_mark = self._taken()
+            self._watch = asyncio.get_running_loop().call_later(
+                self.slow_consumer_s, self._check_progress
+            )
+
+    def _check_progress(self) -> None:
+        """``slow_consumer_s`` after the output went over the bound: a client
+        that took nothing since is evicted (even if dropping its droppable
+        pushes brought the output back under the bound); one that took some
+        output is watched again while the output is still over."""
+        self._watch = None
+        if self._closed:
+            return
+        queued = self.queued_bytes
+        if self._taken() > self._taken_mark or not queued:
+            if queued > self.max_queued_bytes:
+                self._watch_progress()  # still reading: watch the next interval
+            return
+        self._evict(queued)
 
     def close(self) -> None:
         """Stop the writer and discard what is queued (the connection is gone)."""
@@ -465,6 +524,9 @@ class Outbox:
         self._queue.clear()
         self._queued = 0
         self._scheduled = self._urgent = False  # a pending flush finds it closed
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         writer, self._writer = self._writer, None
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
@@ -505,7 +567,10 @@ class Outbox:
             while self._queue:
                 frame, _ = self._queue.popleft()
                 self._queued -= len(frame)
+                self._written += _framed_size(len(frame))
                 await send(frame, text=True)
+                if self._watch is None and self.queued_bytes > self.max_queued_bytes:
+                    self._watch_progress()
         except ConnectionClosed:
             self._closed = True
             self._queue.clear()
@@ -869,7 +934,8 @@ class Fanout:
                     buffer[index] = (seq, frame, audience, data)
                 if priority and not member.reads_every_account and data["accounts"]:
                     frame = self._emergency_frame(member, seq, data)
-                outbox.push(frame, priority=priority, droppable=not priority)
+                # Not droppable: the client asked for exactly these.
+                outbox.push(frame, priority=priority)
         return True
 
     def _send_snapshot(self, member: _Member, channel: Channel) -> None:
@@ -953,8 +1019,9 @@ class Fanout:
                     queued = member.sub.outbox.eviction_queued_bytes
                     message = (
                         f"connection {member.sub.conn_id} ({member.sub.principal.name}) "
-                        f"closed as a slow consumer: {queued} bytes queued, limit "
-                        f"{member.sub.outbox.max_queued_bytes}"
+                        f"closed 4003 as a slow consumer: {queued} bytes queued, limit "
+                        f"{member.sub.outbox.max_queued_bytes}, none taken for "
+                        f"{round(member.sub.outbox.slow_consumer_s * 1000)} ms"
                     )
                     log.warning("%s", message)
                     alert = {

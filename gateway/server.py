@@ -407,6 +407,7 @@ class Gateway:
         outbox = Outbox(
             ws,
             max_queued_bytes=self.config.server.max_queued_bytes,
+            slow_consumer_ms=self.config.server.slow_consumer_ms,
             on_evict=lambda _box: metrics.EVICTIONS.inc(),
             flusher=self.fanout.flusher,
         )

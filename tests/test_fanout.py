@@ -104,7 +104,7 @@ class FakeWs:
         self.sent.append(frame)
         self.activity.set()
         if not self._reading.is_set():
-            self.transport.buffered += len(frame)
+            self.transport.buffered += len(text_frame(frame))  # framed, as on the wire
             self.paused = True
 
     async def send(self, frame: bytes, text: bool | None = None) -> None:
@@ -121,6 +121,10 @@ class FakeWs:
         self._reading.set()
         self.transport.buffered = 0
         self.paused = False
+
+    def take(self, size: int) -> None:
+        """The client reads ``size`` bytes of the write buffer (and no more)."""
+        self.transport.buffered = max(0, self.transport.buffered - size)
 
 
 class Clock:
@@ -143,6 +147,13 @@ class Sub:
     outbox: Outbox
     ws: FakeWs
     evicted: list[Outbox] = field(default_factory=list)
+
+    async def eviction(self, timeout: float = 5) -> None:
+        """Wait until the outbox evicted this subscriber (closed 4003)."""
+        async with asyncio.timeout(timeout):
+            while not self.evicted:
+                await self.ws.activity.wait()
+                self.ws.activity.clear()
 
     def messages(self) -> list[dict[str, Any]]:
         return [orjson.loads(frame) for frame in self.ws.sent]
@@ -168,14 +179,21 @@ def make_sub(
     max_queued_bytes: int = BIG,
     ws: FakeWs | None = None,
     flusher: Flusher | None = None,
+    slow_consumer_ms: int = 1000,
 ) -> Sub:
     ws = ws or FakeWs()
     evicted: list[Outbox] = []
+
+    def on_evict(outbox: Outbox) -> None:
+        evicted.append(outbox)
+        ws.activity.set()
+
     outbox = Outbox(
         ws,  # type: ignore[arg-type]
         max_queued_bytes=max_queued_bytes,
-        on_evict=evicted.append,
+        on_evict=on_evict,
         flusher=flusher or _flusher,
+        slow_consumer_ms=slow_consumer_ms,
     )
     return Sub(next(_conn_ids), principal, outbox, ws, evicted)
 
@@ -858,50 +876,90 @@ async def test_outbox_when_full_then_priority_frame_kept_and_droppable_dropped()
     assert sub.outbox.push(b"r" * 100)  # a response: never dropped
     for _ in range(7):
         assert sub.outbox.push(b"d" * 100, droppable=True)
-    assert sub.outbox.queued_bytes == 900
+    assert sub.outbox.queued_bytes == 102 + 800  # the first, framed, in the socket buffer
     assert sub.outbox.push(b"E" * 300, priority=True)
-    assert sub.outbox.queued_bytes == 500
+    assert sub.outbox.queued_bytes == 102 + 100 + 300
     ws.resume_reading()
     await settle()
     assert ws.sent == [b"f" * 100, b"r" * 100, b"E" * 300]
     assert sub.evicted == []
 
 
-async def test_outbox_when_priority_frame_cannot_fit_then_evicted() -> None:
+async def test_outbox_when_over_limit_then_kept_until_nothing_taken_for_slow_consumer_ms() -> None:
     ws = FakeWs(reading=False)
-    sub = make_sub(max_queued_bytes=1000, ws=ws)
+    sub = make_sub(max_queued_bytes=1000, ws=ws, slow_consumer_ms=50)
     sub.outbox.push(b"x" * 900)
     await settle()
-    assert not sub.outbox.push(b"E" * 200, priority=True)
+    # Over the bound: a priority frame is still queued, not an eviction.
+    assert sub.outbox.push(b"E" * 200, priority=True)
+    assert sub.evicted == []
+    await sub.eviction()
+    assert sub.evicted == [sub.outbox]
+    assert not sub.outbox.push(b"late")
+
+
+async def test_outbox_when_client_keeps_taking_output_then_never_evicted() -> None:
+    ws = FakeWs(reading=False)
+    sub = make_sub(max_queued_bytes=1000, ws=ws, slow_consumer_ms=200)
+    sub.outbox.push(b"x" * 5000)  # one large answer onto empty output: accepted
+    await settle()
+    # The client reads a little, far slower than the answer's size, but
+    # within every slow_consumer_ms; pushes keep coming meanwhile.
+    for n in range(30):
+        assert sub.outbox.push(b"r%d" % n)
+        ws.take(100)
+        await asyncio.sleep(0.02)
+    assert sub.evicted == []
+    # Then it stops reading: evicted one slow_consumer_ms later.
+    await sub.eviction()
     assert sub.evicted == [sub.outbox]
 
 
-async def test_outbox_when_over_limit_then_on_evict_once_and_close_4003(
+async def test_outbox_when_over_limit_then_droppable_dropped_and_on_evict_once_and_close_4003(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(fanout_module, "EVICTION_CLOSE_TIMEOUT_S", 0.05)
     ws = FakeWs(reading=False, close_hangs=True)
-    sub = make_sub(max_queued_bytes=1000, ws=ws)
-    accepted = 0
-    while sub.outbox.push(b"d" * 100, droppable=True):
-        accepted += 1
+    sub = make_sub(max_queued_bytes=1000, ws=ws, slow_consumer_ms=50)
+    before = -1
+    while sub.outbox.queued_bytes != before:  # until a push no longer fits
+        before = sub.outbox.queued_bytes
+        assert sub.outbox.push(b"d" * 100, droppable=True)
         await asyncio.sleep(0)
-    assert accepted == 10
-    assert not sub.outbox.push(b"d" * 10)
+    full = sub.outbox.queued_bytes
+    assert 900 < full <= 1000
+    # Over the bound: droppable frames are dropped, answers still queued.
+    assert sub.outbox.push(b"d" * 100, droppable=True)
+    assert sub.outbox.queued_bytes == full
+    assert sub.outbox.push(b"r" * 200)
+    assert sub.outbox.queued_bytes == full + 200
+    await sub.eviction()
     assert not sub.outbox.push(b"E", priority=True)
     assert sub.evicted == [sub.outbox]
-    assert sub.outbox.evicted and sub.outbox.eviction_queued_bytes == 1000
+    assert sub.outbox.evicted and sub.outbox.eviction_queued_bytes == full + 200
     async with asyncio.timeout(2):
         await ws.transport.aborted.wait()
     assert ws.closes == [(4003, "slow consumer")]
 
 
+async def test_outbox_when_stalled_client_only_gets_droppable_pushes_then_still_evicted() -> None:
+    ws = FakeWs(reading=False)
+    sub = make_sub(max_queued_bytes=1000, ws=ws, slow_consumer_ms=50)
+    sub.outbox.push(b"e" * 100)
+    await settle()
+    for _ in range(20):
+        sub.outbox.push(b"h" * 100, droppable=True)
+    await sub.eviction()
+    assert sub.evicted == [sub.outbox]
+
+
 async def test_outbox_when_client_completes_close_then_no_abort() -> None:
     ws = FakeWs(reading=False)
-    sub = make_sub(max_queued_bytes=100, ws=ws)
+    sub = make_sub(max_queued_bytes=100, ws=ws, slow_consumer_ms=20)
     sub.outbox.push(b"x" * 80)
     await settle()
-    assert not sub.outbox.push(b"x" * 80)
+    assert sub.outbox.push(b"x" * 80)
+    await sub.eviction()
     await settle()
     assert ws.closes == [(4003, "slow consumer")]
     assert not ws.transport.aborted.is_set()
@@ -934,7 +992,7 @@ async def test_fanout_when_subscriber_evicted_then_alert_counted_and_others_keep
     None
 ):
     fanout = make_fanout()
-    slow = make_sub(VIEWER, max_queued_bytes=2000, ws=FakeWs(reading=False))
+    slow = make_sub(VIEWER, max_queued_bytes=2000, ws=FakeWs(reading=False), slow_consumer_ms=50)
     fast = make_sub(ADMIN)
     for sub in (slow, fast):
         fanout.add(sub)  # type: ignore[arg-type]
@@ -943,6 +1001,7 @@ async def test_fanout_when_subscriber_evicted_then_alert_counted_and_others_keep
     for n in range(1, 60):
         fanout.publish([alert(n)])
     fanout.publish([emergency(1)])
+    await slow.eviction()
     await settle()
     assert slow.evicted == [slow.outbox]
     assert slow.ws.closes == [(4003, "slow consumer")]
@@ -982,8 +1041,9 @@ async def test_fanout_when_emergency_on_full_connection_then_delivered_and_gap_v
     fanout.add(sub)  # type: ignore[arg-type]
     subscribe(fanout, sub, Channel.ALERTS)
     await settle()
-    n = 0
-    while sub.outbox.queued_bytes < 1300:
+    n, before = 0, -1
+    while sub.outbox.queued_bytes != before:  # until an alert no longer fits
+        before = sub.outbox.queued_bytes
         n += 1
         fanout.publish([alert(n)])
     fanout.publish([emergency(1)])
