@@ -6,13 +6,14 @@ slowly, or never). So the count starts in the connection's ``connection_made``
 and ends in its ``connection_lost``, and three rules hold (docs/protocol.md,
 section 1):
 
-- Connections that have not authenticated (a handshake in progress, or an open
-  socket waiting for ``session.auth``) are at most ``max_unauthenticated``.
-  A new socket beyond that pushes out the oldest one still in its handshake
-  (one that has not even sent its request); a handshake without a token
-  beyond that, when the sockets waiting for ``session.auth`` fill the cap, is
-  refused with HTTP 503. A handshake with a valid Bearer token is never
-  refused for them: it is authenticated when its request is read.
+- Connections that have not authenticated are bounded by
+  ``max_unauthenticated`` twice over, so that neither kind can crowd out the
+  other: at most that many sockets in their handshake (a new one beyond it
+  closes the oldest, whose request has not been processed yet), and at most
+  that many WebSockets waiting for ``session.auth`` (a handshake without a
+  token beyond it is refused with HTTP 503). Sockets waiting for
+  ``session.auth`` therefore never take the handshake places a client with a
+  valid Bearer token needs; it is authenticated when its request is read.
 - The gateway never accepts so many sockets that the journal and its
   snapshots could not open a file: at start it raises its soft descriptor
   limit to the hard one, and keeps ``FD_RESERVE`` descriptors beyond those
@@ -111,7 +112,7 @@ class Admission:
     def accepted(self, conn: ServerConnection) -> None:
         self.open += 1
         self._handshaking[conn] = None
-        if self.unauthenticated > self.max_unauthenticated:
+        if len(self._handshaking) > self.max_unauthenticated:
             self._push_out_oldest(conn, "unauthenticated")
         if self.open > self.fd_budget and not self._push_out_oldest(conn, "fd_budget"):
             metrics.CONNECTIONS_REFUSED.labels(reason="fd_budget").inc()
@@ -124,6 +125,10 @@ class Admission:
         self.open -= 1
         self._handshaking.pop(conn, None)
         self._waiting.pop(conn, None)
+        if isinstance(conn, GatewayConnection):
+            # websockets may still run process_request for a request it had
+            # read before the socket went: nothing may be counted after this.
+            conn.gone = True
 
     def request_read(self, conn: ServerConnection) -> None:
         """The handshake's request was read: no longer a socket to push out."""
@@ -133,11 +138,20 @@ class Admission:
         """A handshake without a token: its WebSocket will wait for
         ``session.auth``. False when it must be refused (HTTP 503): the
         sockets already waiting fill ``max_unauthenticated``."""
+        if isinstance(conn, GatewayConnection) and conn.gone:
+            return True  # closed already: its handshake cannot complete
         if len(self._waiting) >= self.max_unauthenticated:
             metrics.CONNECTIONS_REFUSED.labels(reason="unauthenticated").inc()
             return False
         self._waiting[conn] = None
         return True
+
+    def abort_handshakes(self) -> None:
+        """Close every socket still in its handshake (the gateway is stopping)."""
+        for conn in list(self._handshaking):
+            transport = conn.transport
+            if transport is not None:
+                transport.abort()
 
     def authenticated(self, conn: ServerConnection) -> None:
         self._waiting.pop(conn, None)
@@ -161,7 +175,10 @@ class GatewayConnection(ServerConnection):
     """A server connection that carries the principal its handshake proved."""
 
     principal: Principal | None = None
+    #: True once the socket closed.
+    gone: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.principal = None
+        self.gone = False

@@ -197,6 +197,8 @@ class Gateway:
         self.epoch = clock()
         self.fanout = Fanout(manager, heartbeat_s=config.server.heartbeat_s, clock=clock)
         self.sessions: dict[int, Session] = {}
+        #: Sessions that have authenticated (the others wait for session.auth).
+        self.authenticated = 0
         self.per_ip: dict[str, int] = {}
         self._next_conn = 1
         self.admission = Admission(
@@ -298,7 +300,11 @@ class Gateway:
             return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         peer = _peer_host(connection)
         server_cfg = self.config.server
-        if len(self.sessions) >= server_cfg.max_connections:
+        # A program with a token counts against authenticated connections
+        # only; sockets waiting for session.auth never take its place.
+        authorization = request.headers.get("Authorization")
+        in_use = self.authenticated if authorization is not None else len(self.sessions)
+        if in_use >= server_cfg.max_connections:
             metrics.CONNECTIONS_REFUSED.labels(reason="max_connections").inc()
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.per_ip.get(peer, 0) >= server_cfg.max_connections_per_ip:
@@ -306,7 +312,6 @@ class Gateway:
             return connection.respond(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address\n"
             )
-        authorization = request.headers.get("Authorization")
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             principal = (
@@ -438,6 +443,7 @@ class Gateway:
 
     def _authenticated(self, session: Session, principal: Principal) -> None:
         session.principal = principal
+        self.authenticated += 1
         self.admission.authenticated(session.ws)
         self.fanout.add(session)  # type: ignore[arg-type]
 
@@ -465,6 +471,7 @@ class Gateway:
             self.per_ip.pop(session.peer, None)
         session.outbox.close()
         if session.principal is not None:
+            self.authenticated -= 1
             self.fanout.remove(session)  # type: ignore[arg-type]
         if session.cancel_on_disconnect and session.principal is not None:
             released = self.manager.release_connection(session.conn_id, self.clock())

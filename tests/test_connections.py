@@ -15,6 +15,7 @@ import gc
 import orjson
 from websockets.asyncio.server import ServerConnection
 
+from gateway.admission import Admission, GatewayConnection
 from tests.conftest import TRADER, GatewayFactory, RunningGateway
 from tests.test_security import refused_status
 from tests.wsclient import TestClient
@@ -119,3 +120,71 @@ async def test_handshake_with_token_but_no_upgrade_when_repeated_then_nothing_re
     async with asyncio.timeout(10):
         while live_connections() - before > 10:
             await asyncio.sleep(0.05)
+
+
+async def test_waiting_sockets_when_they_fill_max_connections_then_bearer_still_connects(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(server={"max_unauthenticated": 10, "max_connections": 3})
+    waiting = [await gw.client(token=None) for _ in range(3)]
+    for client in waiting:
+        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    # No authenticated connection yet: programs still get in, up to the limit.
+    traders = [await gw.client(TRADER) for _ in range(3)]
+    assert (await traders[-1].ok("ping"))["ts"]
+    auth = {"Authorization": f"Bearer {TRADER}"}
+    assert await refused_status(gw.url, additional_headers=auth) == 503
+    # And a fourth socket waiting for session.auth is refused too.
+    assert await refused_status(gw.url) == 503
+
+
+async def test_bearer_handshake_when_waiting_sockets_fill_the_cap_then_not_pushed_out(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(server={"max_unauthenticated": 2})
+    waiting = [await gw.client(token=None) for _ in range(2)]
+    for client in waiting:
+        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    # A program has connected; its request is still on the way.
+    reader, writer = await raw_socket(gw, b"")
+    # One more socket from someone else must not close it.
+    _other_reader, other = await raw_socket(gw, b"")
+    writer.write(
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: {gw.gateway.host}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TRADER}\r\n\r\n"
+        ).encode()
+    )
+    async with asyncio.timeout(5):
+        assert b" 101 " in await reader.readline()
+    writer.close()
+    other.close()
+
+
+def test_admission_when_pushed_out_socket_is_processed_after_its_close_then_not_counted() -> None:
+    """websockets runs process_request for a request it read even after the
+    socket closed; a socket pushed out in that window must not stay counted
+    as waiting for session.auth (it would lock browsers out for good)."""
+
+    class Transport:
+        def abort(self) -> None:
+            pass
+
+    def connection() -> GatewayConnection:
+        conn = GatewayConnection.__new__(GatewayConnection)
+        conn.gone = False
+        conn.transport = Transport()  # type: ignore[assignment]
+        return conn
+
+    admission = Admission(max_unauthenticated=1, fd_budget=100)
+    first, second = connection(), connection()
+    admission.accepted(first)  # its whole request is read; not processed yet
+    admission.accepted(second)  # pushes the first out
+    admission.lost(first)
+    admission.request_read(first)  # websockets' process_request, run late
+    assert admission.wait_for_auth(first)
+    assert admission.unauthenticated == 1  # the second only
+    admission.lost(second)
+    assert admission.unauthenticated == 0
+    assert admission.open == 0
