@@ -261,7 +261,18 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         if self._server is not None:
-            self._server.close(close_connections=True)
+            # Stop accepting; close every WebSocket with 1001, each bounded to
+            # CLOSE_TIMEOUT_S (websockets' own close waits without a bound for
+            # a client that does not read); drop sockets still in a handshake.
+            self._server.close(close_connections=False)
+            await asyncio.gather(
+                *(
+                    _close(session.ws, CloseCode.GOING_AWAY, "")
+                    for session in list(self.sessions.values())
+                ),
+                return_exceptions=True,
+            )
+            self.admission.abort_handshakes()
             await self._server.wait_closed()
         for session in list(self.sessions.values()):
             for task in list(session.pending):

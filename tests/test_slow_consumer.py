@@ -159,3 +159,22 @@ async def test_client_when_it_stops_reading_then_closed_4003_and_alert(
     assert "closed 4003" in push["data"]["message"]
     assert "none taken for 300 ms" in push["data"]["message"]
     viewer.close()
+
+
+async def test_stop_when_a_client_stopped_reading_under_the_bound_then_bounded(
+    make_gateway: GatewayFactory,
+) -> None:
+    """websockets' close waits for the socket to drain before its own close
+    timeout starts; the gateway bounds each close, so a stop finishes."""
+    gw = await make_gateway(limits=LIMITS)
+    await fill_state(gw, accounts=120)  # a 3 MB answer: the kernel's buffers hold most
+    viewer = PacedClient(gw.url, VIEWER)
+    await viewer.open()
+    await viewer.send({"id": 1, "method": "state.get"})
+    # The client pauses (a second is the behaviour under test, not a wait for
+    # an event): the answer fills the socket buffers, under max_queued_bytes.
+    await asyncio.sleep(1.0)
+    try:
+        await asyncio.wait_for(gw.gateway.stop(), 8)  # unbounded before
+    finally:
+        viewer.close()
