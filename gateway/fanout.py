@@ -415,8 +415,8 @@ class Outbox:
         the drain.
         """
         self._scheduled = self._urgent = False
-        if self._closed or not self._queue:
-            return
+        if self._closed or not self._queue or self._writer is not None:
+            return  # a writer sends the rest (scheduled twice in one run)
         ws = self.ws
         queue = self._queue
         flusher = self._flusher

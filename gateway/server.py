@@ -153,8 +153,8 @@ class Session:
         taken for a slow consumer.
         """
         if not self.answer(frame):
-            await self.ws.send(frame, text=True)
-            return
+            # Through the outbox, which counts what it writes (slow-consumer rule).
+            self.outbox.push(frame, answer=True)
         await self.drained()
 
     def answer(self, frame: bytes) -> bool:

@@ -1059,3 +1059,17 @@ async def test_fanout_when_emergency_on_full_connection_then_delivered_and_gap_v
     assert seqs(sub.pushes(Channel.ALERTS))[len(alert_seqs) :] == list(
         range(alert_seqs[-1] + 1, n + 1)
     )
+
+
+async def test_outbox_when_scheduled_as_answer_and_broadcast_in_one_run_then_one_writer() -> None:
+    ws = FakeWs(reading=False)
+    sub = make_sub(ws=ws)
+    assert sub.outbox.push(b"a")  # written at once; the transport is now over its mark
+    sub.outbox.push(b"b", defer=True)  # a broadcast's slice
+    sub.outbox.push(b"c", defer=True, answer=True)  # an answer: flushed ahead
+    await settle()
+    # One writer, waiting for the drain after "b": "c" waits its turn.
+    assert ws.sent == [b"a", b"b"]
+    ws.resume_reading()
+    await settle()
+    assert ws.sent == [b"a", b"b", b"c"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -19,7 +20,10 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from gateway.fanout import Flusher, Outbox
+from gateway.server import Session
 from tests.conftest import ADMIN, VIEWER, GatewayFactory, RunningGateway
+from tests.test_fanout import FakeWs
 
 READ_CHUNK = 4096
 #: 500 positions each: a state.get of about 5.6 MB, more than the kernel's
@@ -159,6 +163,30 @@ async def test_client_when_it_stops_reading_then_closed_4003_and_alert(
     assert "closed 4003" in push["data"]["message"]
     assert "none taken for 300 ms" in push["data"]["message"]
     viewer.close()
+
+
+async def test_answer_written_while_transport_paused_then_counted_as_output() -> None:
+    """An answer the session cannot write at once goes through the outbox,
+    which counts it: a client that keeps taking bytes is not evicted."""
+    ws = FakeWs(reading=False)
+    ws.recv_messages = SimpleNamespace(frames=[])  # type: ignore[attr-defined]
+    evicted: list[Outbox] = []
+    outbox = Outbox(
+        ws,  # type: ignore[arg-type]
+        max_queued_bytes=1000,
+        slow_consumer_ms=100,
+        on_evict=evicted.append,
+        flusher=Flusher(),
+    )
+    session = Session(conn_id=1, ws=ws, outbox=outbox, peer="127.0.0.1")  # type: ignore[arg-type]
+    assert outbox.push(b"x" * 2000)  # over the bound at once: watched
+    sending = asyncio.create_task(session.send(b"y" * 5000))
+    for _ in range(12):  # the client takes 500 bytes every 20 ms
+        await asyncio.sleep(0.02)
+        ws.take(500)
+    assert not evicted
+    sending.cancel()
+    outbox.close()
 
 
 async def test_stop_when_a_client_stopped_reading_under_the_bound_then_bounded(
