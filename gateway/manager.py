@@ -274,11 +274,28 @@ class EmergencyManager:
         self._embedded: Any = None
         self.reset_state(limits)
 
+    @property
+    def limits(self) -> Limits:
+        """The limits in force. Read-only: they change through ``prepare_limits``
+        (an admin's change, journaled and versioned), recovery, or
+        ``use_limits`` (an offline what-if), each of which keeps the values
+        derived from them (the limit strings decisions report) in step."""
+        return self._limits
+
+    def use_limits(self, limits: Limits) -> None:
+        """Validate against ``limits`` from now on, without a record, a version
+        or an alert: for an offline what-if over recorded history."""
+        self._limits = limits
+        self._limit_strings: tuple[str, str] = (
+            fmt(limits.max_account_exposure),
+            fmt(limits.max_exposure),
+        )
+
     def reset_state(self, limits: Limits) -> None:
         """Forget every state (positions, reservations, modes, limits, queued
         records and events): as constructed, with ``limits`` as version 1.
         Recovery starts over with it when what it read cannot be applied."""
-        self.limits = limits
+        self._limits = limits
         self.limits_version = 1
         self.file_limits: dict[str, Any] | None = None
         self.gateway_mode = ModeState(
@@ -309,10 +326,7 @@ class EmergencyManager:
         self._enforced_gateway = Mode.NORMAL
         self._enforced_accounts: dict[str, Mode] = {}
         self._emergency_view: dict[str, Any] | None = None
-        self._limit_strings: tuple[str, str] = (
-            fmt(limits.max_account_exposure),
-            fmt(limits.max_exposure),
-        )
+        self._limit_strings = (fmt(limits.max_account_exposure), fmt(limits.max_exposure))
         # (limits, 80% of max_account_exposure, 80% of max_exposure), computed
         # in the exact context on first use after each limits change.
         self._warning_levels: tuple[Limits | None, Decimal, Decimal] = (None, ZERO, ZERO)
@@ -728,13 +742,13 @@ class EmergencyManager:
 
     def _apply_limits(self, rec: Mapping[str, Any]) -> None:
         changed = rec["v"] != self.limits_version
-        self.limits = Limits.from_mapping(rec["limits"], where="journal limits")
+        self._limits = Limits.from_mapping(rec["limits"], where="journal limits")
         self.limits_version = rec["v"]
         if "file" in rec:
             self.file_limits = rec["file"]
         self._limit_strings = (
-            fmt(self.limits.max_account_exposure),
-            fmt(self.limits.max_exposure),
+            fmt(self._limits.max_account_exposure),
+            fmt(self._limits.max_exposure),
         )
         self._record(dict(rec))
         if not self._replaying and changed:
@@ -1128,7 +1142,7 @@ class EmergencyManager:
             reduces = p > 0 and qty + s <= p
         worst_after = long_side if long_side >= short_side else short_side
         delta = (worst_after - worst_now) * order.price
-        limits = self.limits
+        limits = self._limits
         check = OrderCheck(
             account=account,
             symbol=order.symbol,
@@ -1281,7 +1295,7 @@ class EmergencyManager:
         """Raise EXPOSURE_WARNING / EXPOSURE_BREACH on crossing, and auto-reduce."""
         if self._replaying:
             return
-        limits = self.limits
+        limits = self._limits
         warning = self._warning_levels
         if warning[0] is not limits:
             warning = self._warning_levels = (
@@ -1583,12 +1597,12 @@ class EmergencyManager:
             raise RecordNotApplied(exc) from exc
 
     def _load_snapshot(self, snap: Mapping[str, Any]) -> None:
-        self.limits = Limits.from_mapping(snap["limits"], where="snapshot limits")
+        self._limits = Limits.from_mapping(snap["limits"], where="snapshot limits")
         self.limits_version = snap["limits_version"]
         self.file_limits = snap.get("file_limits")
         self._limit_strings = (
-            fmt(self.limits.max_account_exposure),
-            fmt(self.limits.max_exposure),
+            fmt(self._limits.max_account_exposure),
+            fmt(self._limits.max_exposure),
         )
         emergency = snap["emergency"]
         self.gateway_mode = _mode_from_record(emergency["gateway"])

@@ -142,7 +142,7 @@ def what_if(state_dir: Path, limits: Limits, rules: tuple[Rule, ...] = ()) -> Wh
     manager = EmergencyManager(limits=limits, rules=rules, clock=lambda: clock_ms[0])
     if snapshot is not None:
         manager.load_snapshot(snapshot)
-        manager.limits = limits
+        manager.use_limits(limits)
     result = WhatIf()
     for seq, rec in history:
         kind = rec.get("t")

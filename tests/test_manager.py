@@ -735,3 +735,16 @@ def test_snapshot_when_reserved_only_symbol_repriced_later_then_exposure_kept() 
         fresh.validate(order("buy", 1, 200, reserve=True, symbol="Z"))["exposure"]
         == (m.validate(order("buy", 1, 200, reserve=True, symbol="Z"))["exposure"])
     )
+
+
+def test_limits_when_assigned_from_outside_then_refused_and_use_limits_keeps_reports_in_step() -> (
+    None
+):
+    manager = EmergencyManager(limits=Limits.from_mapping({"max_account_exposure": "1000"}))
+    with pytest.raises(AttributeError):
+        manager.limits = Limits.from_mapping({"max_account_exposure": "5000"})  # type: ignore[misc]
+    # The offline what-if's way: decisions report the limits they were made against.
+    manager.use_limits(Limits.from_mapping({"max_account_exposure": "5000"}))
+    decision = manager.validate(order(qty="3", price="1000"), 1_000)
+    assert decision["decision"] == "accept"
+    assert decision["exposure"]["account_limit"] == "5000"
