@@ -7,9 +7,9 @@ Three pieces (docs/protocol.md section 5):
   a response straight to the transport; broadcasts wait for the flusher;
   what a connection cannot take yet goes to a queue that its own writer task
   drains, so a slow socket never blocks request handling or the other
-  subscribers. Queue plus transport buffer are bounded in
-  bytes; a connection that lets them pass ``max_queued_bytes`` is evicted
-  (close 4003).
+  subscribers. A connection whose queue plus transport buffer stays over
+  ``max_queued_bytes`` with nothing taken for ``slow_consumer_ms`` is evicted
+  (close 4003; see "Slow consumers" below).
 - ``Flusher``: one per gateway. A push to many connections is queued on their
   outboxes and written by the flusher, a slice of connections per loop turn,
   so requests are answered between slices.

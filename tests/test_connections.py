@@ -32,6 +32,14 @@ async def raw_socket(gw: RunningGateway, first_bytes: bytes) -> Raw:
     return reader, writer
 
 
+async def waiting_for_auth(gw: RunningGateway, count: int) -> list[TestClient]:
+    """``count`` open WebSockets that have not authenticated, each known to the gateway."""
+    clients = [await gw.client(token=None) for _ in range(count)]
+    for client in clients:
+        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    return clients
+
+
 async def closed_by_gateway(reader: asyncio.StreamReader) -> bool:
     try:
         async with asyncio.timeout(5):
@@ -63,9 +71,7 @@ async def test_unauthenticated_when_over_max_unauthenticated_then_503_and_bearer
     make_gateway: GatewayFactory,
 ) -> None:
     gw = await make_gateway(server={"max_unauthenticated": 5, "max_connections": 8})
-    waiting = [await gw.client(token=None) for _ in range(5)]
-    for client in waiting:
-        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    waiting = await waiting_for_auth(gw, 5)
     # A sixth socket waiting for session.auth would pass the cap.
     assert await refused_status(gw.url) == 503
     # However many half-open handshakes are added, a client with a valid
@@ -126,9 +132,7 @@ async def test_waiting_sockets_when_they_fill_max_connections_then_bearer_still_
     make_gateway: GatewayFactory,
 ) -> None:
     gw = await make_gateway(server={"max_unauthenticated": 10, "max_connections": 3})
-    waiting = [await gw.client(token=None) for _ in range(3)]
-    for client in waiting:
-        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    await waiting_for_auth(gw, 3)  # kept open by the fixture
     # No authenticated connection yet: programs still get in, up to the limit.
     traders = [await gw.client(TRADER) for _ in range(3)]
     assert (await traders[-1].ok("ping"))["ts"]
@@ -142,9 +146,7 @@ async def test_bearer_handshake_when_waiting_sockets_fill_the_cap_then_not_pushe
     make_gateway: GatewayFactory,
 ) -> None:
     gw = await make_gateway(server={"max_unauthenticated": 2})
-    waiting = [await gw.client(token=None) for _ in range(2)]
-    for client in waiting:
-        assert (await client.error("ping"))["code"] == "UNAUTHENTICATED"
+    await waiting_for_auth(gw, 2)  # kept open by the fixture
     # A program has connected; its request is still on the way.
     reader, writer = await raw_socket(gw, b"")
     # One more socket from someone else must not close it.

@@ -279,6 +279,8 @@ def test_text_frame_when_any_length_then_same_bytes_as_websockets(length: int) -
     payload = bytes(random.Random(length).randrange(32, 127) for _ in range(length))
     expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
     assert text_frame(payload) == expected
+    # What the writer task counts for a frame websockets frames itself.
+    assert fanout_module._framed_size(length) == len(expected)
 
 
 async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
