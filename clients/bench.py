@@ -25,8 +25,10 @@ back-to-back gateway and echo measurements. ``--json`` prints one object on
 stdout; progress goes to stderr. ``--quick`` is a short run with small counts
 (used by the test suite; its figures are not meaningful against the targets).
 
-Only section 6's helper processes import ``gateway`` (to write a journal and
-time its recovery): the load generator itself speaks the wire protocol only.
+This module imports no ``gateway``: the load generator speaks the wire
+protocol only. Section 6 needs the gateway's persistence to write a journal
+and time its recovery, so it runs ``python -m gateway.benchtools`` as
+subprocesses.
 """
 
 from __future__ import annotations
@@ -961,12 +963,16 @@ async def _storm(admin: Conn, stop: asyncio.Event, rate: float | None) -> int:
     return changes
 
 
-async def _helper(*args: str) -> dict[str, Any]:
-    """Run ``python -m clients.bench ARGS`` and return the JSON of its last line."""
+async def _recovery_helper(*args: str) -> dict[str, Any]:
+    """Run ``python -m gateway.benchtools ARGS`` and return the JSON of its last line.
+
+    A subprocess, not an import: the bench speaks the wire protocol only, and
+    the recovery is timed in a fresh process.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "clients.bench",
+        "gateway.benchtools",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -985,14 +991,14 @@ async def section_recovery(bench: Bench) -> dict[str, Any]:
     sizes = bench.sizes
     state_dir = bench.workdir / "recovery-state"
     state_dir.mkdir()
-    written = await _helper("journal", str(state_dir), str(sizes.recovery_records))
+    written = await _recovery_helper("journal", str(state_dir), str(sizes.recovery_records))
     bench.progress(
         f"  wrote {sizes.recovery_records:,} records "
         f"({written['bytes'] / 2**20:.0f} MiB) in {written['seconds']:.1f} s"
     )
     runs = []
     for _ in range(sizes.recovery_repeats):
-        result = await _helper("recover", str(state_dir))
+        result = await _recovery_helper("recover", str(state_dir))
         if result["replayed"] != sizes.recovery_records:
             raise RuntimeError(f"recovery replayed {result['replayed']} records")
         runs.append(result)
@@ -1708,68 +1714,8 @@ async def _subscribers(url: str, token: str, count: int) -> int:
     return 0
 
 
-async def _write_journal(state_dir: Path, records: int) -> dict[str, Any]:
-    """Fill ``state_dir`` with ``records`` position updates (fsync never, no snapshot).
-
-    100 accounts x 1,000 symbols: 100,000 positions, each updated ten times
-    for a million records.
-    """
-    from gateway.journal import Journal, recover
-
-    started = time.perf_counter()
-    journal = Journal(
-        state_dir,
-        recover(state_dir),
-        fsync="never",
-        snapshot_every=records + 1,
-        snapshot_source=dict,
-    )
-    await journal.start()
-    now = time.time_ns() // 1_000_000
-    for i in range(records):
-        journal.append(
-            {
-                "t": "pos",
-                "a": f"A{i % 100}",
-                "s": f"S{(i // 100) % 1000}",
-                "q": str(i % 50 - 25),
-                "p": f"{100 + i % 17}.25",
-                "ts": now + i // 1000,
-            }
-        )
-        if i % 10_000 == 9_999:
-            await asyncio.sleep(0)  # let the writer drain what is queued
-    await journal.close(snapshot=False)
-    return {"seconds": time.perf_counter() - started}
-
-
-def _time_recovery(state_dir: Path) -> dict[str, Any]:
-    """Time ``Store.open()`` (lock, recover, replay) in this fresh process."""
-    from gateway.journal import recover
-    from gateway.manager import EmergencyManager
-    from gateway.store import Store
-
-    manager = EmergencyManager()
-    store = Store(manager, state_dir, fsync="never")
-    started = time.perf_counter()
-    store.open()
-    seconds = time.perf_counter() - started
-    positions = sum(len(book.positions) for book in manager.accounts.values())
-    # The split into reading and replaying, from a second reading afterwards.
-    started = time.perf_counter()
-    recover(state_dir, repair=False)
-    read_seconds = time.perf_counter() - started
-    return {
-        "seconds": seconds,
-        "recover_seconds": read_seconds,
-        "replay_seconds": seconds - read_seconds,
-        "replayed": store.replayed,
-        "positions": positions,
-    }
-
-
 def _helper_main(argv: Sequence[str]) -> int:
-    """``python -m clients.bench subscribers|journal|recover ...`` (used by the bench)."""
+    """``python -m clients.bench subscribers URL TOKEN COUNT`` (used by the bench)."""
     if not argv:
         print(_helper_main.__doc__, file=sys.stderr)
         return 2
@@ -1783,16 +1729,6 @@ def _helper_main(argv: Sequence[str]) -> int:
     if name == "subscribers":
         url, token, count = rest
         return int(runner(_subscribers(url, token, int(count))))
-    if name == "journal":
-        state_dir, records = rest
-        result = runner(_write_journal(Path(state_dir), int(records)))
-        result["bytes"] = sum(path.stat().st_size for path in Path(state_dir).glob("journal-*"))
-        print(orjson.dumps(result).decode())
-        return 0
-    if name == "recover":
-        (state_dir,) = rest
-        print(orjson.dumps(_time_recovery(Path(state_dir))).decode())
-        return 0
     print(f"unknown helper {name}", file=sys.stderr)
     return 2
 
