@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import math
 import os
 import platform
@@ -89,6 +90,10 @@ REDUCING_ORDER: Final = {**ORDER, "side": "sell"}
 # operator changes modes a few times a day). The flat-out storm (each change
 # sent as soon as the previous one is answered) is measured as well.
 STORM_CHANGES_PER_S: Final = 20.0
+#: Section 5's subscriber processes time stamp the heartbeats of this many of
+#: their connections (spread over the group): intervals, not arrival order,
+#: are measured, so a sample tells as much as all of them.
+HEARTBEAT_SAMPLE: Final = 16
 
 CONFIG: Final = """\
 [server]
@@ -798,13 +803,22 @@ class SubscriberGroup:
         async with asyncio.timeout(deadline_s):
             return (await self.proc.stdout.readline()).decode().strip()
 
-    async def report(self) -> dict[int, tuple[int, int]]:
-        """Per emergency version: (subscribers that received it, last receipt ns)."""
+    async def _report(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write(b"report\n")
         await self.proc.stdin.drain()
-        data = orjson.loads(await self._line(deadline_s=60))
+        data: dict[str, Any] = orjson.loads(await self._line(deadline_s=60))
+        return data
+
+    async def report(self) -> dict[int, tuple[int, int]]:
+        """Per emergency version: (subscribers that received it, last receipt ns)."""
+        data = await self._report()
         return {int(v): (count, last) for v, (count, last) in data["receipts"].items()}
+
+    async def heartbeat_intervals_ns(self) -> list[int]:
+        """Intervals between consecutive heartbeats at the sampled connections, ns."""
+        data = await self._report()
+        return [int(ns) for ns in data["heartbeat_intervals_ns"]]
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -826,6 +840,20 @@ async def start_subscribers(url: str, total: int, procs: int) -> list[Subscriber
     return list(await asyncio.gather(*(SubscriberGroup.start(url, n) for n in counts if n > 0)))
 
 
+async def heartbeat_intervals_ms(groups: Sequence[SubscriberGroup], period_s: float) -> list[float]:
+    """Every heartbeat interval the groups' sampled connections saw so far, in ms.
+
+    A short run may end before a second heartbeat: then wait for one more
+    period, a few times, before giving up.
+    """
+    for _ in range(5):
+        intervals = [ns / 1e6 for group in groups for ns in await group.heartbeat_intervals_ns()]
+        if intervals:
+            return intervals
+        await asyncio.sleep(period_s)
+    raise RuntimeError("no two heartbeats reached a subscriber")
+
+
 async def section_fanout(bench: Bench) -> dict[str, Any]:
     sizes = bench.sizes
     gateway = await bench.gateway("always")
@@ -834,6 +862,7 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
     validator = await Conn.open(gateway.url)
     groups: list[SubscriberGroup] = []
     try:
+        heartbeat_s = float((await admin.ok("session.hello", {}))["heartbeat_s"])
         await _prepare_validations(validator)
         groups = await start_subscribers(gateway.url, sizes.subscribers, sizes.subscriber_procs)
         bench.progress(f"  {sizes.subscribers} subscribers connected and authenticated")
@@ -917,6 +946,12 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
                 f"changes/s {storm[-1]:.0f} us, flat out ({flat_out_per_s[-1]:.0f} "
                 f"changes/s) {flat_out[-1]:.0f} us"
             )
+        # 3. The heartbeat period the subscribers saw, over all of the above.
+        beats = sorted(await heartbeat_intervals_ms(groups, heartbeat_s))
+        bench.progress(
+            f"  heartbeat every {median(beats):.0f} ms at the subscribers "
+            f"(server.heartbeat_s {heartbeat_s:g}; longest {beats[-1]:.0f} ms)"
+        )
     finally:
         for group in groups:
             await group.stop()
@@ -940,6 +975,11 @@ async def section_fanout(bench: Bench) -> dict[str, Any]:
         "p99_us_flat_out": median(flat_out),
         "ratio_flat_out": median([s / q for s, q in zip(flat_out, quiet, strict=True)]),
         "flat_out_changes_per_s": median(flat_out_per_s),
+        "heartbeat_s": heartbeat_s,
+        "heartbeat_intervals": len(beats),
+        "heartbeat_interval_ms": median(beats),
+        "heartbeat_interval_max_ms": beats[-1],
+        "heartbeat_ratio": median(beats) / (heartbeat_s * 1000),
         "failures": failures,
     }
 
@@ -1381,6 +1421,17 @@ def table_rows(report: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
+        if "heartbeat_interval_ms" in fanout:
+            rows.append(
+                (
+                    "5. heartbeat interval at the subscribers, ms, median (vs server.heartbeat_s)",
+                    _num(fanout["heartbeat_interval_ms"]),
+                    _num(fanout["heartbeat_s"] * 1000),
+                    f"{fanout['heartbeat_ratio']:.2f}x",
+                    "",
+                    "",
+                )
+            )
     if "recovery" in report:
         recovery = report["recovery"]
         rows.append(
@@ -1622,12 +1673,19 @@ class _Subscriber(asyncio.Protocol):
     """
 
     def __init__(
-        self, url: str, token: str, receipts: dict[int, list[int]], ready: asyncio.Future[None]
+        self,
+        url: str,
+        token: str,
+        receipts: dict[int, list[int]],
+        ready: asyncio.Future[None],
+        heartbeats: list[int] | None = None,
     ) -> None:
         self.protocol = ClientProtocol(parse_uri(url), max_size=None)
         self.token = token
         self.receipts = receipts
         self.ready = ready
+        #: Receipt times of heartbeats (monotonic ns), if this one samples them.
+        self.heartbeats = heartbeats
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1656,6 +1714,8 @@ class _Subscriber(asyncio.Protocol):
                             entry[1] = now
                     if not self.ready.done():
                         self.ready.set_result(None)
+                elif self.heartbeats is not None and payload.startswith(b'{"channel":"heartbeat"'):
+                    self.heartbeats.append(now)
             elif (
                 isinstance(event, Response)
                 and protocol.handshake_exc is not None
@@ -1680,31 +1740,46 @@ class _Subscriber(asyncio.Protocol):
 
 
 async def _subscribers(url: str, token: str, count: int) -> int:
-    """Hold ``count`` authenticated connections; answer ``report`` / ``quit`` on stdin."""
+    """Hold ``count`` authenticated connections; answer ``report`` / ``quit`` on stdin.
+
+    ``report`` prints the emergency receipts and, for a sample of
+    ``HEARTBEAT_SAMPLE`` connections spread over the group, the intervals
+    between consecutive heartbeats (ns) since they connected.
+    """
     raise_open_files_limit()
     loop = asyncio.get_running_loop()
     uri = parse_uri(url)
     receipts: dict[int, list[int]] = {}
     transports: list[asyncio.BaseTransport] = []
     gate = asyncio.Semaphore(64)
+    step = max(1, count // HEARTBEAT_SAMPLE)
+    sampled: list[list[int]] = []
 
-    async def open_one() -> None:
+    async def open_one(index: int) -> None:
+        heartbeats: list[int] | None = None
+        if index % step == 0 and len(sampled) < HEARTBEAT_SAMPLE:
+            heartbeats = []
+            sampled.append(heartbeats)
         async with gate:
             ready: asyncio.Future[None] = loop.create_future()
             transport, _ = await loop.create_connection(
-                lambda: _Subscriber(url, token, receipts, ready), uri.host, uri.port
+                lambda: _Subscriber(url, token, receipts, ready, heartbeats), uri.host, uri.port
             )
             transports.append(transport)
             async with asyncio.timeout(60):
                 await ready
 
-    await asyncio.gather(*(open_one() for _ in range(count)))
+    await asyncio.gather(*(open_one(index) for index in range(count)))
     print(f"ready {count}", flush=True)
     while True:
         line = await asyncio.to_thread(sys.stdin.readline)
         command = line.strip()
         if command == "report":
-            data = {"receipts": {str(v): entry for v, entry in receipts.items()}}
+            intervals = [b - a for beats in sampled for a, b in itertools.pairwise(beats)]
+            data = {
+                "receipts": {str(v): entry for v, entry in receipts.items()},
+                "heartbeat_intervals_ns": intervals,
+            }
             print(orjson.dumps(data).decode(), flush=True)
         elif command == "quit" or not line:
             break

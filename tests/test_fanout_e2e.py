@@ -173,28 +173,23 @@ async def test_slow_consumer_when_client_never_reads_then_server_drops_connectio
         slow.transport.abort()
 
 
-async def test_heartbeat_when_configured_then_at_that_rate_with_current_seqs(
+async def test_heartbeat_when_configured_then_they_keep_coming_with_current_seqs(
     make_gateway: GatewayFactory,
 ) -> None:
+    # The period itself is a timing figure: riskctl bench measures it
+    # (section 5, "heartbeat interval at the subscribers").
     period = 0.2
     beats = 10
     async with asyncio.timeout(30):
         gw = await make_gateway(server={"heartbeat_s": period})
         admin = await gw.client(ADMIN)
+        assert (await admin.ok("session.hello"))["heartbeat_s"] == period
         await admin.ok("emergency.set", {"mode": "halted", "reason": "heartbeat test"})
         change = await admin.next_push("emergency")
         heartbeats = admin.channel("heartbeat")
         while not heartbeats.empty():  # beats sent before the change
             heartbeats.get_nowait()
-        first = await admin.next_push("heartbeat")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        received = [first]
-        for _ in range(beats):
-            received.append(await admin.next_push("heartbeat"))
-        elapsed = loop.time() - started
-    # Loose bounds: a loaded machine may stretch the period, never halve it.
-    assert beats * period * 0.5 <= elapsed <= beats * period * 4
+        received = [await admin.next_push("heartbeat") for _ in range(beats + 1)]
     for beat in received:
         assert "seq" not in beat
         assert ISO_MS.fullmatch(beat["data"]["ts"])
