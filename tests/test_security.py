@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ async def test_connection_when_never_authenticated_then_unauthenticated_then_400
     make_gateway: GatewayFactory,
 ) -> None:
     gw = await make_gateway(server={"auth_timeout_s": 0.6})
-    opened = time.monotonic()
     client = await gw.client(token=None)
     for method, params in (
         ("state.get", None),
@@ -74,7 +72,8 @@ async def test_connection_when_never_authenticated_then_unauthenticated_then_400
         assert error["code"] == "UNAUTHENTICATED", (method, error)
     assert client.ws.close_code is None, "a request before auth must not close the connection"
     assert await closed_with(client) == 4001
-    assert time.monotonic() - opened >= 0.5, "closed before server.auth_timeout_s"
+    # Closed by the auth_timeout_s timer, not by any of the requests above.
+    assert client.ws.close_reason == "authentication timeout"
     assert "A1" not in gw.manager.accounts
 
 
@@ -310,15 +309,14 @@ async def test_frames_when_over_rate_then_rate_limited_with_id_and_4008_when_sus
         assert response["error"]["code"] == "RATE_LIMITED"
         assert isinstance(response["id"], int), "RATE_LIMITED must carry the request's id"
     assert client.ws.close_code is None
-    # Sustained for 2 s: closed with 4008.
-    started = time.monotonic()
+    # Sustained for 2 s: closed with 4008 (a flood that is never closed ends
+    # the loop with TimeoutError).
     with contextlib.suppress(ConnectionClosed):
         async with asyncio.timeout(10):
             while True:
                 await client.ws.send(orjson.dumps({"id": "f", "method": "ping"}))
                 await asyncio.sleep(0.005)
     assert await closed_with(client) == 4008
-    assert time.monotonic() - started < 8
     # The gateway still serves others.
     other = await gw.client(TRADER)
     assert (await other.ok("ping"))["ts"]
