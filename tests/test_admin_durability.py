@@ -141,7 +141,12 @@ async def test_gateway_own_halt_while_admin_reopens_then_versions_are_never_reus
             "position.update", {"account": "A2", "symbol": "X", "qty": "100", "price": "100"}
         )
     )
-    await asyncio.sleep(0.05)
+    # The breach's update and the gateway's own reduction are appended
+    # together; wait for them, so both changes are in flight at once.
+    appended = journal.last_seq
+    async with asyncio.timeout(10):
+        while journal.last_seq == appended:
+            await asyncio.sleep(0.005)
     gate.set()
     reopened = (await reopen)["result"]
     assert (await breach)["status"] == "ok"

@@ -86,6 +86,21 @@ class PacedClient:
         await self._flush()
         return bool(data) and self.close_code is None
 
+    async def readable(self) -> None:
+        """Wait until bytes are ready to read, without reading them."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(self.sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self.sock.fileno())
+
     def answer(self, request_id: int) -> dict[str, Any] | None:
         return next((m for m in self.messages if m.get("id") == request_id), None)
 
@@ -194,14 +209,21 @@ async def test_stop_when_a_client_stopped_reading_under_the_bound_then_bounded(
 ) -> None:
     """websockets' close waits for the socket to drain before its own close
     timeout starts; the gateway bounds each close, so a stop finishes."""
-    gw = await make_gateway(limits=LIMITS)
+    # No heartbeat during the test, so after the emergency snapshot every
+    # connection gets, the next bytes this client is sent are the answer's.
+    gw = await make_gateway(limits=LIMITS, server={"heartbeat_s": 60})
     await fill_state(gw, accounts=120)  # a 3 MB answer: the kernel's buffers hold most
     viewer = PacedClient(gw.url, VIEWER)
     await viewer.open()
+    async with asyncio.timeout(10):
+        while not any(m.get("channel") == "emergency" for m in viewer.messages):
+            assert await viewer.read_some(), f"closed {viewer.close_code}"
     await viewer.send({"id": 1, "method": "state.get"})
-    # The client pauses (a second is the behaviour under test, not a wait for
-    # an event): the answer fills the socket buffers, under max_queued_bytes.
-    await asyncio.sleep(1.0)
+    # The client stops reading. Once the answer's first bytes reach its
+    # socket, the whole answer was handed to the gateway's transport (one
+    # write), and it fills the socket buffers, under max_queued_bytes.
+    async with asyncio.timeout(30):
+        await viewer.readable()
     try:
         await asyncio.wait_for(gw.gateway.stop(), 8)  # unbounded before
     finally:
