@@ -14,10 +14,11 @@ on different cores. Sections (docs/benchmarks.md says what each one means):
    interval and never (a gateway each), with fsyncs/s from ``/metrics``.
 4. ``scaling``: validation p50 with 10 open positions and with 100,000.
 5. ``fanout``: time from an ``emergency.set`` response to the last of 1,000
-   subscribers' receipt, and validation p99 during a storm of emergency
-   changes (20 a second, and flat out) against p99 without one.
+   subscribers' receipt, validation p99 during a storm of emergency
+   changes (20 a second, and flat out) against p99 without one, and the
+   heartbeat interval the subscribers saw against ``server.heartbeat_s``.
 6. ``recovery``: ``Store.open()`` of a state directory holding 1,000,000
-   journal records, in a fresh process.
+   journal records, in a fresh process (``python -m gateway.benchtools``).
 7. ``memory``: gateway RSS per idle authenticated connection.
 
 Figures are medians over repeats; each ratio is the median of the ratios of
