@@ -31,12 +31,18 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
 from gateway import metrics
-from gateway.admission import FD_RESERVE, Admission, GatewayConnection, open_fds, raise_fd_limit
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
 from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
+from gateway.net.admission import (
+    FD_RESERVE,
+    Admission,
+    GatewayConnection,
+    open_fds,
+    raise_fd_limit,
+)
 from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
