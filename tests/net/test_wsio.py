@@ -8,10 +8,12 @@ websockets that renames or changes an internal fails here.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,6 +25,22 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from gateway.net import wsio
+
+GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
+#: websockets' connection internals and transport calls: wsio's alone.
+INTERNALS = frozenset(
+    {
+        "transport",
+        "paused",
+        "send_in_progress",
+        "recv_messages",
+        "drain",
+        "drain_waiters",
+        "get_write_buffer_size",
+        "pause_writing",
+        "resume_writing",
+    }
+)
 
 
 def framed(payload: bytes) -> bytes:
@@ -298,3 +316,25 @@ async def test_write_and_close_when_refusing_before_handshake_then_client_reads_
     finally:
         server.close()
         await server.wait_closed()
+
+
+def internals_used(path: Path) -> list[str]:
+    """``line: name`` for each attribute of ``INTERNALS`` read outside ``wsio``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in INTERNALS
+            and not (isinstance(node.value, ast.Name) and node.value.id == "wsio")
+        ):
+            found.append(f"{node.lineno}: {node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in GATEWAY.rglob("*.py") if p.name != "wsio.py"),
+    ids=lambda p: p.relative_to(GATEWAY.parent).as_posix(),
+)
+def test_gateway_module_when_parsed_then_reaches_no_websockets_internal(path: Path) -> None:
+    assert internals_used(path) == []
