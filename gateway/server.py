@@ -31,12 +31,20 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
 from gateway import metrics
-from gateway.admission import FD_RESERVE, Admission, GatewayConnection, open_fds, raise_fd_limit
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
-from gateway.fanout import Fanout, Outbox
+from gateway.fanout import Delivery, Fanout, Outbox
 from gateway.journal import PersistenceError
 from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
+from gateway.net import wsio
+from gateway.net.admission import (
+    FD_RESERVE,
+    Admission,
+    GatewayConnection,
+    open_fds,
+    raise_fd_limit,
+)
+from gateway.net.taskhost import TaskHost
 from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
@@ -154,7 +162,7 @@ class Session:
         """
         if not self.answer(frame):
             # Through the outbox, which counts what it writes (slow-consumer rule).
-            self.outbox.push(frame, answer=True)
+            self.outbox.push(frame, Delivery.ANSWER)
         await self.drained()
 
     def answer(self, frame: bytes) -> bool:
@@ -164,8 +172,8 @@ class Session:
         is queued here but the frame cannot be written now: the transport is
         over its high-water mark, or the connection is closing."""
         outbox = self.outbox
-        if outbox.busy or len(self.ws.recv_messages.frames):
-            outbox.push(frame, defer=True, answer=True)
+        if outbox.busy or wsio.frames_waiting(self.ws):
+            outbox.push(frame, Delivery.ANSWER_BATCHED)
             if outbox.queued_bytes >= ANSWER_BATCH_BYTES:
                 outbox.flush_now()
             return True
@@ -173,8 +181,8 @@ class Session:
 
     async def drained(self) -> None:
         """Wait while the transport is over its high-water mark (stop reading)."""
-        if self.ws.paused:
-            await self.ws.drain()
+        if wsio.is_write_paused(self.ws):
+            await wsio.drain(self.ws)
 
 
 class Gateway:
@@ -211,6 +219,8 @@ class Gateway:
             store.on_published = self._publish
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Holds the fan-out's tasks while the gateway runs.
+        self._background = TaskHost()
         self.port = 0
         self.host = config.server.host
         self._stopping = False
@@ -244,7 +254,7 @@ class Gateway:
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
-        self.fanout.start()
+        self.fanout.start(await self._background.start())
         self._sweeper = asyncio.create_task(self._sweep(), name="reservation-sweeper")
 
     @property
@@ -279,6 +289,7 @@ class Gateway:
                 with contextlib.suppress(BaseException):
                     await task
         await self.fanout.stop()
+        await self._background.stop()
         if self.store is not None:
             self._commit()
             await self.store.close(snapshot=True)
@@ -417,46 +428,50 @@ class Gateway:
     # ---------------------------------------------------------- connections
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn_id = self._next_conn
-        self._next_conn += 1
-        peer = _peer_host(ws)
-        outbox = Outbox(
-            ws,
-            max_queued_bytes=self.config.server.max_queued_bytes,
-            slow_consumer_ms=self.config.server.slow_consumer_ms,
-            on_evict=lambda _box: metrics.EVICTIONS.inc(),
-            flusher=self.fanout.flusher,
-        )
-        session = Session(conn_id=conn_id, ws=ws, outbox=outbox, peer=peer)
-        self.sessions[conn_id] = session
-        self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
-        assert isinstance(ws, GatewayConnection)
-        principal = ws.principal
-        auth_timer: asyncio.TimerHandle | None = None
-        if principal is not None:
-            self._authenticated(session, principal)
-        else:
-            auth_timer = asyncio.get_running_loop().call_later(
-                self.config.server.auth_timeout_s, self._auth_timeout, session
+        # The connection's own tasks (its outbox's writer and closing
+        # handshake) live in this group and end before the handler returns.
+        async with asyncio.TaskGroup() as tasks:
+            conn_id = self._next_conn
+            self._next_conn += 1
+            peer = _peer_host(ws)
+            outbox = Outbox(
+                ws,
+                max_queued_bytes=self.config.server.max_queued_bytes,
+                slow_consumer_ms=self.config.server.slow_consumer_ms,
+                on_evict=lambda _box: metrics.EVICTIONS.inc(),
+                flusher=self.fanout.flusher,
+                tasks=tasks,
             )
-        try:
-            await self._read_loop(session)
-        except ConnectionClosed:
-            pass
-        except Exception:
-            log.exception("connection %d failed", conn_id)
-            with contextlib.suppress(Exception):
-                await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            if auth_timer is not None:
-                auth_timer.cancel()
-            self._closed(session)
+            session = Session(conn_id=conn_id, ws=ws, outbox=outbox, peer=peer)
+            self.sessions[conn_id] = session
+            self.per_ip[peer] = self.per_ip.get(peer, 0) + 1
+            assert isinstance(ws, GatewayConnection)
+            principal = ws.principal
+            auth_timer: asyncio.TimerHandle | None = None
+            if principal is not None:
+                self._authenticated(session, principal)
+            else:
+                auth_timer = asyncio.get_running_loop().call_later(
+                    self.config.server.auth_timeout_s, self._auth_timeout, session
+                )
+            try:
+                await self._read_loop(session)
+            except ConnectionClosed:
+                pass
+            except Exception:
+                log.exception("connection %d failed", conn_id)
+                with contextlib.suppress(Exception):
+                    await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+            finally:
+                if auth_timer is not None:
+                    auth_timer.cancel()
+                self._closed(session)
 
     def _authenticated(self, session: Session, principal: Principal) -> None:
         session.principal = principal
         self.authenticated += 1
         self.admission.authenticated(session.ws)
-        self.fanout.add(session)  # type: ignore[arg-type]
+        self.fanout.add(session)
 
     def _auth_timeout(self, session: Session) -> None:
         if session.principal is None:
@@ -483,7 +498,7 @@ class Gateway:
         session.outbox.close()
         if session.principal is not None:
             self.authenticated -= 1
-            self.fanout.remove(session)  # type: ignore[arg-type]
+            self.fanout.remove(session)
         if session.cancel_on_disconnect and session.principal is not None:
             released = self.manager.release_connection(session.conn_id, self.clock())
             from protocol.codes import AlertCode, AlertLevel
@@ -609,7 +624,7 @@ class Gateway:
                 frame = codec.encode_error(request_id, ErrorCode.UNAVAILABLE, _unavailable(error))
             # Queued behind any pushes, and written with the other answers the
             # same fsync released; a closed connection drops it.
-            session.outbox.push(frame, defer=True, answer=True)
+            session.outbox.push(frame, Delivery.ANSWER_BATCHED)
 
         assert self.store is not None and self.store.journal is not None
         self.store.journal.when_durable(outcome.seq, answer)
@@ -667,7 +682,7 @@ class Gateway:
                 if not session.answer(frame):
                     # Queued ahead of the push, flushed with the answers (a
                     # writer waits for the drain), and the read loop waits too.
-                    session.outbox.push(frame, answer=True)
+                    session.outbox.push(frame, Delivery.ANSWER)
                 try:
                     self._validated(session, params, decision, took)
                 except Exception:  # answered already: log it, never answer twice
@@ -695,7 +710,7 @@ class Gateway:
                 raise ProtocolError(ErrorCode.UNAUTHENTICATED, "invalid token")
             # Answer first, then the emergency snapshot push.
             frame = codec.encode_ok(request.id, found.to_wire())
-            session.outbox.push(frame)
+            session.outbox.push(frame, Delivery.ANSWER)
             self._authenticated(session, found)
             return b""
         assert principal is not None
@@ -734,15 +749,15 @@ class Gateway:
             return self._set_limits(params, principal.name)
         if method == "subscribe":
             assert isinstance(params, Subscribe)
-            result = self.fanout.subscribe(session, params)  # type: ignore[arg-type]
-            session.outbox.push(codec.encode_ok(request.id, result))
-            self.fanout.deliver_subscription(session)  # type: ignore[arg-type]
+            result = self.fanout.subscribe(session, params)
+            session.outbox.push(codec.encode_ok(request.id, result), Delivery.ANSWER)
+            self.fanout.deliver_subscription(session)
             return b""
         if method == "unsubscribe":
             assert isinstance(params, Unsubscribe)
             return codec.encode_ok(
                 request.id,
-                self.fanout.unsubscribe(session, params),  # type: ignore[arg-type]
+                self.fanout.unsubscribe(session, params),
             )
         raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown method {method}")
 
@@ -1034,9 +1049,7 @@ async def _close(ws: ServerConnection, code: int, reason: str) -> None:
         async with asyncio.timeout(2):
             await ws.close(code, reason)
     except (TimeoutError, ConnectionClosed, OSError):
-        transport = ws.transport
-        if transport is not None:
-            transport.abort()
+        wsio.abort(ws)
 
 
 async def start_gateway(

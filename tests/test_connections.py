@@ -15,7 +15,6 @@ import gc
 import orjson
 from websockets.asyncio.server import ServerConnection
 
-from gateway.admission import Admission, GatewayConnection
 from tests.conftest import TRADER, GatewayFactory, RunningGateway
 from tests.test_security import refused_status
 from tests.wsclient import TestClient
@@ -162,31 +161,3 @@ async def test_bearer_handshake_when_waiting_sockets_fill_the_cap_then_not_pushe
         assert b" 101 " in await reader.readline()
     writer.close()
     other.close()
-
-
-def test_admission_when_pushed_out_socket_is_processed_after_its_close_then_not_counted() -> None:
-    """websockets runs process_request for a request it read even after the
-    socket closed; a socket pushed out in that window must not stay counted
-    as waiting for session.auth (it would lock browsers out for good)."""
-
-    class Transport:
-        def abort(self) -> None:
-            pass
-
-    def connection() -> GatewayConnection:
-        conn = GatewayConnection.__new__(GatewayConnection)
-        conn.gone = False
-        conn.transport = Transport()  # type: ignore[assignment]
-        return conn
-
-    admission = Admission(max_unauthenticated=1, fd_budget=100)
-    first, second = connection(), connection()
-    admission.accepted(first)  # its whole request is read; not processed yet
-    admission.accepted(second)  # pushes the first out
-    admission.lost(first)
-    admission.request_read(first)  # websockets' process_request, run late
-    assert admission.wait_for_auth(first)
-    assert admission.unauthenticated == 1  # the second only
-    admission.lost(second)
-    assert admission.unauthenticated == 0
-    assert admission.open == 0

@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway import server as gateway_server
+from gateway.net import wsio
 from protocol.messages import PositionEntry, PositionSnapshot
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
 from tests.wsclient import TestClient
@@ -100,7 +101,7 @@ async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push
         answer = gateway_server.Session.answer
 
         def answer_while_paused(session: gateway_server.Session, frame: bytes) -> bool:
-            if b'"decision"' in frame and not session.ws.paused:
+            if b'"decision"' in frame and not wsio.is_write_paused(session.ws):
                 session.ws.pause_writing()
                 asyncio.get_running_loop().call_soon(session.ws.resume_writing)
             return answer(session, frame)

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from gateway.fanout import Flusher, Outbox
+from gateway.fanout import Delivery, Flusher, Outbox
 from gateway.server import Session
 from tests.conftest import ADMIN, VIEWER, GatewayFactory, RunningGateway
-from tests.test_fanout import FakeWs
+from tests.fanout.builders import FakeWs, patch_wsio
 
 READ_CHUNK = 4096
 #: 500 positions each: a state.get of about 5.6 MB, more than the kernel's
@@ -180,28 +180,32 @@ async def test_client_when_it_stops_reading_then_closed_4003_and_alert(
     viewer.close()
 
 
-async def test_answer_written_while_transport_paused_then_counted_as_output() -> None:
+async def test_answer_written_while_transport_paused_then_counted_as_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An answer the session cannot write at once goes through the outbox,
     which counts it: a client that keeps taking bytes is not evicted."""
+    patch_wsio(monkeypatch)
     ws = FakeWs(reading=False)
-    ws.recv_messages = SimpleNamespace(frames=[])  # type: ignore[attr-defined]
     evicted: list[Outbox] = []
-    outbox = Outbox(
-        ws,  # type: ignore[arg-type]
-        max_queued_bytes=1000,
-        slow_consumer_ms=100,
-        on_evict=evicted.append,
-        flusher=Flusher(),
-    )
-    session = Session(conn_id=1, ws=ws, outbox=outbox, peer="127.0.0.1")  # type: ignore[arg-type]
-    assert outbox.push(b"x" * 2000)  # over the bound at once: watched
-    sending = asyncio.create_task(session.send(b"y" * 5000))
-    for _ in range(12):  # the client takes 500 bytes every 20 ms
-        await asyncio.sleep(0.02)
-        ws.take(500)
-    assert not evicted
-    sending.cancel()
-    outbox.close()
+    async with asyncio.TaskGroup() as tasks:
+        outbox = Outbox(
+            ws,  # type: ignore[arg-type]
+            max_queued_bytes=1000,
+            slow_consumer_ms=100,
+            on_evict=evicted.append,
+            flusher=Flusher(),
+            tasks=tasks,
+        )
+        session = Session(conn_id=1, ws=ws, outbox=outbox, peer="127.0.0.1")  # type: ignore[arg-type]
+        assert outbox.push(b"x" * 2000, Delivery.ANSWER)  # over the bound at once: watched
+        sending = tasks.create_task(session.send(b"y" * 5000))
+        for _ in range(12):  # the client takes 500 bytes every 20 ms
+            await asyncio.sleep(0.02)
+            ws.take(500)
+        assert not evicted
+        sending.cancel()
+        outbox.close()
 
 
 async def test_stop_when_a_client_stopped_reading_under_the_bound_then_bounded(

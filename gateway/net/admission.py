@@ -27,7 +27,6 @@ section 1):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import resource
@@ -37,8 +36,9 @@ from websockets.asyncio.server import ServerConnection
 
 from gateway import metrics
 from gateway.auth import Principal
+from gateway.net import wsio
 
-log = logging.getLogger("gateway.admission")
+log = logging.getLogger("gateway.net.admission")
 
 #: Descriptors kept free for the journal, snapshots, the manifest, the
 #: dashboard's files and the process's own needs, beyond those open at start.
@@ -99,13 +99,11 @@ class Admission:
         admission = self
 
         class Connection(GatewayConnection):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                super().connection_made(transport)
+            def on_accept(self) -> None:
                 admission.accepted(self)
 
-            def connection_lost(self, exc: Exception | None) -> None:
+            def on_lost(self) -> None:
                 admission.lost(self)
-                super().connection_lost(exc)
 
         return Connection
 
@@ -117,9 +115,7 @@ class Admission:
         if self.open > self.fd_budget and not self._push_out_oldest(conn, "fd_budget"):
             metrics.CONNECTIONS_REFUSED.labels(reason="fd_budget").inc()
             self._handshaking.pop(conn, None)
-            transport = conn.transport
-            transport.write(_REFUSED)
-            transport.close()
+            wsio.write_and_close(conn, _REFUSED)
 
     def lost(self, conn: ServerConnection) -> None:
         self.open -= 1
@@ -149,9 +145,7 @@ class Admission:
     def abort_handshakes(self) -> None:
         """Close every socket still in its handshake (the gateway is stopping)."""
         for conn in list(self._handshaking):
-            transport = conn.transport
-            if transport is not None:
-                transport.abort()
+            wsio.abort(conn)
 
     def authenticated(self, conn: ServerConnection) -> None:
         self._waiting.pop(conn, None)
@@ -165,13 +159,11 @@ class Admission:
             return False
         del self._handshaking[conn]
         metrics.CONNECTIONS_REFUSED.labels(reason=reason).inc()
-        transport = conn.transport
-        if transport is not None:
-            transport.abort()
+        wsio.abort(conn)
         return True
 
 
-class GatewayConnection(ServerConnection):
+class GatewayConnection(wsio.AcceptReportingConnection):
     """A server connection that carries the principal its handshake proved."""
 
     principal: Principal | None = None
