@@ -1714,7 +1714,7 @@ async def _write_journal(state_dir: Path, records: int) -> dict[str, Any]:
     100 accounts x 1,000 symbols: 100,000 positions, each updated ten times
     for a million records.
     """
-    from gateway.journal import Journal, recover
+    from gateway.persistence import Journal, recover
 
     started = time.perf_counter()
     journal = Journal(
@@ -1724,33 +1724,33 @@ async def _write_journal(state_dir: Path, records: int) -> dict[str, Any]:
         snapshot_every=records + 1,
         snapshot_source=dict,
     )
-    await journal.start()
     now = time.time_ns() // 1_000_000
-    for i in range(records):
-        journal.append(
-            {
-                "t": "pos",
-                "a": f"A{i % 100}",
-                "s": f"S{(i // 100) % 1000}",
-                "q": str(i % 50 - 25),
-                "p": f"{100 + i % 17}.25",
-                "ts": now + i // 1000,
-            }
-        )
-        if i % 10_000 == 9_999:
-            await asyncio.sleep(0)  # let the writer drain what is queued
-    await journal.close(snapshot=False)
+    async with asyncio.TaskGroup() as tasks:
+        await journal.start(tasks)
+        for i in range(records):
+            journal.append(
+                {
+                    "t": "pos",
+                    "a": f"A{i % 100}",
+                    "s": f"S{(i // 100) % 1000}",
+                    "q": str(i % 50 - 25),
+                    "p": f"{100 + i % 17}.25",
+                    "ts": now + i // 1000,
+                }
+            )
+            if i % 10_000 == 9_999:
+                await asyncio.sleep(0)  # let the writer drain what is queued
+        await journal.close(snapshot=False)
     return {"seconds": time.perf_counter() - started}
 
 
 def _time_recovery(state_dir: Path) -> dict[str, Any]:
     """Time ``Store.open()`` (lock, recover, replay) in this fresh process."""
-    from gateway.journal import recover
     from gateway.manager import EmergencyManager
-    from gateway.store import Store
+    from gateway.persistence import Store, recover
 
     manager = EmergencyManager()
-    store = Store(manager, state_dir, fsync="never")
+    store = Store(manager, state_dir, clock=lambda: time.time_ns() // 1_000_000, fsync="never")
     started = time.perf_counter()
     store.open()
     seconds = time.perf_counter() - started

@@ -35,10 +35,9 @@ from gateway.admission import FD_RESERVE, Admission, GatewayConnection, open_fds
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Fanout, Outbox
-from gateway.journal import PersistenceError
 from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
+from gateway.persistence import PersistenceError, Store
 from gateway.rules import Rule
-from gateway.store import Store
 from protocol import codec
 from protocol.codes import PROTOCOL_VERSION, CloseCode, ErrorCode, Mode, Role
 from protocol.errors import ProtocolError
@@ -211,6 +210,8 @@ class Gateway:
             store.on_published = self._publish
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Holds the TaskGroup of the store's writer task, left once the store is closed.
+        self._store_tasks = contextlib.AsyncExitStack()
         self.port = 0
         self.host = config.server.host
         self._stopping = False
@@ -219,8 +220,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind and serve. The state must already be recovered (``Store.open``)."""
-        if self.store is not None and self.store.journal is None:
-            await self.store.start()
+        if self.store is not None and not self.store.started:
+            tasks = await self._store_tasks.enter_async_context(asyncio.TaskGroup())
+            await self.store.start(tasks)
         self._publish()
         server_cfg = self.config.server
         fd_limit = raise_fd_limit()
@@ -281,7 +283,10 @@ class Gateway:
         await self.fanout.stop()
         if self.store is not None:
             self._commit()
-            await self.store.close(snapshot=True)
+            try:
+                await self.store.close(snapshot=True)
+            finally:
+                await self._store_tasks.aclose()
 
     async def _sweep(self) -> None:
         """Expire reservations on time even when no request arrives."""
@@ -611,8 +616,8 @@ class Gateway:
             # same fsync released; a closed connection drops it.
             session.outbox.push(frame, defer=True, answer=True)
 
-        assert self.store is not None and self.store.journal is not None
-        self.store.journal.when_durable(outcome.seq, answer)
+        assert self.store is not None
+        self.store.when_durable(outcome.seq, answer)
 
     async def _answer_later(
         self, session: Session, request: Request, outcome: Awaitable[dict[str, Any]]
@@ -940,9 +945,9 @@ class Gateway:
 
     def _last_seq(self) -> int:
         """Seq of the last journal record appended (0 without a journal)."""
-        if self.store is None or self.store.journal is None or self.store.failed is not None:
+        if self.store is None or self.store.failed is not None:
             return 0
-        return self.store.journal.last_seq
+        return self.store.last_seq
 
     async def _stage_durably(self, record: dict[str, Any]) -> None:
         """Stage an emergency or limits record and return once it is published
@@ -1058,6 +1063,7 @@ async def start_gateway(
     store = Store(
         manager,
         persistence.state_dir,
+        clock=_now_ms,
         fsync=persistence.fsync,
         fsync_interval_ms=persistence.fsync_interval_ms,
         snapshot_every=persistence.snapshot_every,
