@@ -966,14 +966,17 @@ async def test_batch_when_larger_than_a_frame_then_split_over_frames_in_one_writ
 
 
 class BlockingSyncOps(FileOps):
-    """fdatasync waits for the test to let it through."""
+    """fdatasync waits for the test to let it through; ``held`` is set while one waits."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()
+        self.held = threading.Event()
         self.syncs = 0
 
     def fdatasync(self, fd: int) -> None:
+        if not self.gate.is_set():
+            self.held.set()
         self.gate.wait(10)
         self.syncs += 1
         super().fdatasync(fd)
@@ -991,7 +994,8 @@ async def test_durable_waiter_cancelled_when_write_in_flight_then_record_still_d
     ops.gate.clear()
     seq = journal.append(payload(1))
     waiter = tasks.create_task(journal.durable(seq))
-    await asyncio.sleep(0.05)
+    # The write is in flight: its fdatasync is held.
+    assert await asyncio.to_thread(ops.held.wait, 10)
 
     waiter.cancel()
     ops.gate.set()

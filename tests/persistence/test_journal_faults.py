@@ -282,17 +282,23 @@ async def test_snapshot_source_raising_when_snapshot_due_then_fails_closed(
     state = tmp_path / "state"
     state.mkdir()
     failures: list[PersistenceError] = []
+    failed = asyncio.Event()
 
     def broken() -> dict[str, Any]:
         raise ValueError("state not serialisable")
 
+    def on_failure(error: PersistenceError) -> None:
+        failures.append(error)
+        failed.set()
+
     journal = Journal(
-        state, recover(state), snapshot_every=2, snapshot_source=broken, on_failure=failures.append
+        state, recover(state), snapshot_every=2, snapshot_source=broken, on_failure=on_failure
     )
     await journal.start(tasks)
     first = journal.append(payload(1))
     second = journal.append(payload(2))
-    await asyncio.sleep(0.05)
+    # The snapshot is due after the second record, once this callback returns.
+    await asyncio.wait_for(failed.wait(), timeout=10)
 
     assert journal.failed is not None and len(failures) == 1
     with pytest.raises(PersistenceError):
@@ -348,8 +354,7 @@ async def test_writer_task_cancelled_then_journal_fails_and_reports_once(
     (writer,) = [t for t in asyncio.all_tasks() if t.get_name() == "journal-writer"]
 
     writer.cancel()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await asyncio.wait([writer])
 
     assert journal.failed is not None and len(failures) == 1
     with pytest.raises(PersistenceError):
