@@ -26,9 +26,8 @@ from typing import TypedDict
 
 import orjson
 
-from gateway.journal import Journal, recover
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import Journal, Store, recover
 
 USAGE = "usage: python -m gateway.benchtools journal STATE_DIR RECORDS | recover STATE_DIR"
 
@@ -72,22 +71,23 @@ async def write_journal(state_dir: Path, records: int) -> float:
         snapshot_every=records + 1,
         snapshot_source=dict,
     )
-    await journal.start()
     now = time.time_ns() // 1_000_000
-    for i in range(records):
-        journal.append(
-            {
-                "t": "pos",
-                "a": f"A{i % ACCOUNTS}",
-                "s": f"S{(i // ACCOUNTS) % SYMBOLS}",
-                "q": str(i % 50 - 25),
-                "p": f"{100 + i % 17}.25",
-                "ts": now + i // 1000,
-            }
-        )
-        if i % 10_000 == 9_999:
-            await asyncio.sleep(0)  # let the writer drain what is queued
-    await journal.close(snapshot=False)
+    async with asyncio.TaskGroup() as tasks:
+        await journal.start(tasks)
+        for i in range(records):
+            journal.append(
+                {
+                    "t": "pos",
+                    "a": f"A{i % ACCOUNTS}",
+                    "s": f"S{(i // ACCOUNTS) % SYMBOLS}",
+                    "q": str(i % 50 - 25),
+                    "p": f"{100 + i % 17}.25",
+                    "ts": now + i // 1000,
+                }
+            )
+            if i % 10_000 == 9_999:
+                await asyncio.sleep(0)  # let the writer drain what is queued
+        await journal.close(snapshot=False)
     return time.perf_counter() - started
 
 
@@ -99,7 +99,7 @@ def journal_bytes(state_dir: Path) -> int:
 def time_recovery(state_dir: Path) -> RecoveryTimed:
     """Time ``Store.open()`` of ``state_dir`` in this process (call it in a fresh one)."""
     manager = EmergencyManager()
-    store = Store(manager, state_dir, fsync="never")
+    store = Store(manager, state_dir, clock=lambda: time.time_ns() // 1_000_000, fsync="never")
     started = time.perf_counter()
     store.open()
     seconds = time.perf_counter() - started

@@ -20,11 +20,10 @@ from gateway.config import (
     unapplied_changes,
     with_overrides,
 )
-from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
 from gateway.manager import EmergencyManager, install_risk_context
+from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
 from gateway.server import Gateway, start_gateway
-from gateway.store import rebuild
 
 log = logging.getLogger("gateway")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import Store
 from protocol.codes import Mode, Reason
 from protocol.errors import ProtocolError, bad_request
 from protocol.messages import EmergencySet, OrderValidate, PositionUpdate
@@ -46,10 +46,13 @@ async def recover_state(manager: EmergencyManager) -> None:
     state_dir = _state_dir(manager)
     if state_dir is None:
         return
-    store = Store(manager, state_dir, fsync=manager.config.get("fsync", "always"))
+    store = Store(
+        manager, state_dir, clock=manager._clock, fsync=manager.config.get("fsync", "always")
+    )
     store.open()
     manager._embedded = store
-    await store.start()
+    # A library host owns no long-lived task: the journal runs without one.
+    await store.start_inline()
 
 
 async def _ensure_recovered(manager: EmergencyManager) -> Store | None:

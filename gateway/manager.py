@@ -37,6 +37,7 @@ from decimal import Decimal
 from typing import Any, ParamSpec, TypeVar
 
 from gateway.config import Limits
+from gateway.persistence.errors import RecordNotApplied
 from gateway.rules import DEFAULT_RULES, OrderCheck, Rule, RuleResult
 from protocol.codes import AlertCode, AlertLevel, ErrorCode, Mode
 from protocol.errors import ProtocolError, bad_request
@@ -1481,7 +1482,7 @@ class EmergencyManager:
 
         Raises ``RecordNotApplied`` when one cannot be applied (a record this
         manager did not write); the state is then undefined: ``reset_state``
-        and start over (``gateway.store.rebuild`` does, and finds which).
+        and start over (``gateway.persistence.rebuild`` does, and finds which).
         """
         self._replaying = True
         count = 0
@@ -1727,16 +1728,6 @@ def filter_emergency(view: dict[str, Any], readable: Callable[[str], bool]) -> d
     if all(readable(account) for account in accounts):
         return view
     return {**view, "accounts": {a: s for a, s in accounts.items() if readable(a)}}
-
-
-class RecordNotApplied(Exception):
-    """A journal record or snapshot could not be applied (``replay``,
-    ``load_snapshot``): it holds something this manager never writes. The
-    message says what; the manager's state is undefined afterwards."""
-
-    def __init__(self, cause: BaseException) -> None:
-        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        super().__init__(text if len(text) <= 200 else text[:200] + "...")
 
 
 def _random_reservation_id() -> str:

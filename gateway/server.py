@@ -34,7 +34,6 @@ from gateway import metrics
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
 from gateway.fanout import Delivery, Fanout, Outbox
-from gateway.journal import PersistenceError
 from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
 from gateway.net import wsio
 from gateway.net.admission import (
@@ -45,8 +44,8 @@ from gateway.net.admission import (
     raise_fd_limit,
 )
 from gateway.net.taskhost import TaskHost
+from gateway.persistence import PersistenceError, Store
 from gateway.rules import Rule
-from gateway.store import Store
 from protocol import codec
 from protocol.codes import PROTOCOL_VERSION, CloseCode, ErrorCode, Mode, Role
 from protocol.errors import ProtocolError
@@ -221,6 +220,8 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         # Holds the fan-out's tasks while the gateway runs.
         self._background = TaskHost()
+        # Holds the TaskGroup of the store's writer task, left once the store is closed.
+        self._store_tasks = contextlib.AsyncExitStack()
         self.port = 0
         self.host = config.server.host
         self._stopping = False
@@ -229,8 +230,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind and serve. The state must already be recovered (``Store.open``)."""
-        if self.store is not None and self.store.journal is None:
-            await self.store.start()
+        if self.store is not None and not self.store.started:
+            tasks = await self._store_tasks.enter_async_context(asyncio.TaskGroup())
+            await self.store.start(tasks)
         self._publish()
         server_cfg = self.config.server
         fd_limit = raise_fd_limit()
@@ -292,7 +294,10 @@ class Gateway:
         await self._background.stop()
         if self.store is not None:
             self._commit()
-            await self.store.close(snapshot=True)
+            try:
+                await self.store.close(snapshot=True)
+            finally:
+                await self._store_tasks.aclose()
 
     async def _sweep(self) -> None:
         """Expire reservations on time even when no request arrives."""
@@ -626,8 +631,8 @@ class Gateway:
             # same fsync released; a closed connection drops it.
             session.outbox.push(frame, Delivery.ANSWER_BATCHED)
 
-        assert self.store is not None and self.store.journal is not None
-        self.store.journal.when_durable(outcome.seq, answer)
+        assert self.store is not None
+        self.store.when_durable(outcome.seq, answer)
 
     async def _answer_later(
         self, session: Session, request: Request, outcome: Awaitable[dict[str, Any]]
@@ -955,9 +960,9 @@ class Gateway:
 
     def _last_seq(self) -> int:
         """Seq of the last journal record appended (0 without a journal)."""
-        if self.store is None or self.store.journal is None or self.store.failed is not None:
+        if self.store is None or self.store.failed is not None:
             return 0
-        return self.store.journal.last_seq
+        return self.store.last_seq
 
     async def _stage_durably(self, record: dict[str, Any]) -> None:
         """Stage an emergency or limits record and return once it is published
@@ -1071,6 +1076,7 @@ async def start_gateway(
     store = Store(
         manager,
         persistence.state_dir,
+        clock=_now_ms,
         fsync=persistence.fsync,
         fsync_interval_ms=persistence.fsync_interval_ms,
         snapshot_every=persistence.snapshot_every,

@@ -16,7 +16,6 @@ the newest snapshot; a larger ``persistence.snapshot_every`` keeps more).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -25,9 +24,9 @@ from typing import Any
 
 import orjson
 
-from gateway import journal
 from gateway.config import Limits
 from gateway.manager import EmergencyManager
+from gateway.persistence import read_history
 from gateway.rules import Rule
 from protocol.messages import OrderValidate
 
@@ -80,55 +79,6 @@ class WhatIf:
                 for c in self.changed
             ],
         }
-
-
-def read_history(
-    state_dir: Path,
-) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, Any]]]]:
-    """The oldest valid snapshot and every record after it that is still on disk.
-
-    Recovery needs only the newest snapshot; history wants to reach back as far
-    as possible, so this starts from the oldest one (the journal keeps one
-    snapshot interval of segments behind the newest). Reading stops at damage.
-    """
-    snapshots: list[tuple[int, str]] = []
-    segments: list[tuple[int, str]] = []
-    for name in os.listdir(state_dir):
-        if m := journal._SNAPSHOT_RE.fullmatch(name):
-            snapshots.append((int(m[1]), name))
-        elif m := journal._SEGMENT_RE.fullmatch(name):
-            segments.append((int(m[1]), name))
-    snapshots.sort()
-    segments.sort()
-    # Start where the records still on disk begin: from nothing when the first
-    # segment starts at seq 1, else from the oldest snapshot that reaches it.
-    first_available = segments[0][0] if segments else None
-    base_seq, snapshot = 0, None
-    if first_available != 1:
-        for seq, name in snapshots:
-            if first_available is not None and seq + 1 < first_available:
-                continue
-            payload, error = journal._read_snapshot(state_dir / name, seq)
-            if error is None:
-                base_seq, snapshot = seq, payload
-                break
-    records: list[tuple[int, dict[str, Any]]] = []
-    expected = base_seq + 1
-    for i, (first_seq, name) in enumerate(segments):
-        is_last = i == len(segments) - 1
-        if not is_last and segments[i + 1][0] <= expected:
-            continue  # every record of this segment is at or before the base
-        info = journal._SegmentInfo(name=name, first_seq=first_seq)
-        data = (state_dir / name).read_bytes()
-        payloads: list[dict[str, Any]] = []
-        expected, damage, _torn = journal._scan_segment(
-            info, data, expected=expected, is_last=is_last, out=payloads
-        )
-        # Those are the records up to expected - 1, without gaps.
-        records.extend(zip(range(expected - len(payloads), expected), payloads, strict=True))
-        if damage is not None:
-            break
-    return snapshot, records
 
 
 def _history(state_dir: Path) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, Any]]]]:

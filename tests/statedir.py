@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
-from gateway.journal import MANIFEST_NAME, manifest_bytes
+from gateway.persistence import MANIFEST_NAME, manifest_bytes
+
+
+def wall_clock_ms() -> int:
+    """The time now in milliseconds since the epoch: the clock a store is given
+    when a test does not pin one."""
+    return time.time_ns() // 1_000_000
 
 
 def list_live(state: Path) -> None:

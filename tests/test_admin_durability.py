@@ -18,24 +18,24 @@ from typing import Any
 
 import pytest
 
-from gateway import journal as journal_module
 from gateway.config import Limits
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import FileOps, Store
 from protocol.codes import Mode
 from tests.conftest import ADMIN, GatewayFactory, RunningGateway
+from tests.statedir import wall_clock_ms
 
 
 def hold_fsyncs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """From now on every journal fdatasync waits until the returned event is set."""
     gate = threading.Event()
-    real_fdatasync = journal_module.FileOps.fdatasync
+    real_fdatasync = FileOps.fdatasync
 
-    def gated_fdatasync(self: journal_module.FileOps, fd: int) -> None:
+    def gated_fdatasync(self: FileOps, fd: int) -> None:
         gate.wait(10)
         real_fdatasync(self, fd)
 
-    monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    monkeypatch.setattr(FileOps, "fdatasync", gated_fdatasync)
     return gate
 
 
@@ -44,7 +44,7 @@ def recovered(state_dir: Path, copy: Path) -> EmergencyManager:
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
     manager = EmergencyManager(limits=Limits())
-    store = Store(manager, copy)
+    store = Store(manager, copy, clock=wall_clock_ms)
     store.open()
     return manager
 
@@ -55,16 +55,16 @@ async def snapshot_while_waiting(
     """Send an admin change, take a snapshot while its fsync is held, then let
     both finish; returns the change's answer."""
     admin = await gw.client(ADMIN)
-    journal = gw.gateway.store.journal  # type: ignore[union-attr]
-    assert journal is not None
+    store = gw.gateway.store
+    assert store is not None
     gate = hold_fsyncs(monkeypatch)
     change = asyncio.create_task(admin.call(method, params))
     # The change's record is appended once the request is read; wait for it.
-    appended = journal.last_seq
+    appended = store.last_seq
     async with asyncio.timeout(10):
-        while journal.last_seq == appended:
+        while store.last_seq == appended:
             await asyncio.sleep(0.005)
-    snapshot = asyncio.create_task(journal.snapshot_now())
+    snapshot = asyncio.create_task(store.snapshot_now())
     await asyncio.sleep(0)  # the snapshot is captured now, with the change in flight
     gate.set()
     response = await change
@@ -130,11 +130,11 @@ async def test_gateway_own_halt_while_admin_reopens_then_versions_are_never_reus
     reopen = asyncio.create_task(
         admin.call("emergency.set", {"mode": "normal", "reason": "", "account": "A1"})
     )
-    journal = gw.gateway.store.journal  # type: ignore[union-attr]
-    assert journal is not None
-    appended = journal.last_seq
+    store = gw.gateway.store
+    assert store is not None
+    appended = store.last_seq
     async with asyncio.timeout(10):
-        while journal.last_seq == appended:
+        while store.last_seq == appended:
             await asyncio.sleep(0.005)
     breach = asyncio.create_task(
         admin.call(
@@ -143,9 +143,9 @@ async def test_gateway_own_halt_while_admin_reopens_then_versions_are_never_reus
     )
     # The breach's update and the gateway's own reduction are appended
     # together; wait for them, so both changes are in flight at once.
-    appended = journal.last_seq
+    appended = store.last_seq
     async with asyncio.timeout(10):
-        while journal.last_seq == appended:
+        while store.last_seq == appended:
             await asyncio.sleep(0.005)
     gate.set()
     reopened = (await reopen)["result"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.config import Limits
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import Store
 from protocol.messages import OrderValidate, PositionUpdate
 from tests.conftest import TRADER, GatewayFactory
 

@@ -325,10 +325,10 @@ def mutate(rng: random.Random, rid: int) -> tuple[bytes, bool]:
 
 def fingerprint_of(gw: RunningGateway) -> Any:
     manager = gw.manager
-    journal = gw.gateway.store.journal  # type: ignore[union-attr]
-    assert journal is not None
+    store = gw.gateway.store
+    assert store is not None
     return (
-        journal.last_seq,
+        store.last_seq,
         manager.emergency_version,
         manager.limits_version,
         manager.gross_exposure,

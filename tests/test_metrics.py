@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.journal import PersistenceError
+from gateway.persistence import PersistenceError
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
 from tests.gwprocess import GatewayProcess, write_config
 from tests.wsclient import TestClient

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway import journal as journal_module
-from gateway.journal import PersistenceError
+from gateway.persistence import FileOps, PersistenceError
 from tests.conftest import TRADER, GatewayFactory
 from tests.gwprocess import GatewayProcess, write_config
 from tests.wsclient import TestClient
@@ -138,10 +137,10 @@ async def test_sighup_when_journal_has_failed_then_error_is_logged_not_swallowed
     gw = await make_gateway(state_dir=tmp_path / "state")
     trader = await gw.client(TRADER)
 
-    def failing_write(self: journal_module.FileOps, fd: int, data: bytes | memoryview) -> int:
+    def failing_write(self: FileOps, fd: int, data: bytes | memoryview) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(journal_module.FileOps, "write", failing_write)
+    monkeypatch.setattr(FileOps, "write", failing_write)
     update = {"account": "A1", "symbol": "X", "qty": "1", "price": "10"}
     assert (await trader.error("position.update", update))["code"] == "UNAVAILABLE"
     path = tmp_path / "gw.toml"

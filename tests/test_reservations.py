@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import journal as journal_module
 from gateway.config import Limits
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import FileOps, Store
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
+from tests.statedir import wall_clock_ms
 
 BUY = {"account": "A1", "symbol": "X", "side": "buy", "qty": "1", "price": "100"}
 
@@ -232,13 +232,13 @@ async def test_position_seq_gap_then_stale_until_snapshot(gw: RunningGateway) ->
 def hold_fsyncs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """From now on every journal fdatasync waits until the returned event is set."""
     gate = threading.Event()
-    real_fdatasync = journal_module.FileOps.fdatasync
+    real_fdatasync = FileOps.fdatasync
 
-    def gated_fdatasync(self: journal_module.FileOps, fd: int) -> None:
+    def gated_fdatasync(self: FileOps, fd: int) -> None:
         gate.wait(10)
         real_fdatasync(self, fd)
 
-    monkeypatch.setattr(journal_module.FileOps, "fdatasync", gated_fdatasync)
+    monkeypatch.setattr(FileOps, "fdatasync", gated_fdatasync)
     return gate
 
 
@@ -328,7 +328,7 @@ async def test_cancel_on_disconnect_when_reserved_before_hello_then_released_at_
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
     recovered = EmergencyManager(limits=Limits())
-    Store(recovered, copy).open()
+    Store(recovered, copy, clock=wall_clock_ms).open()
     assert recovered.reservations == {}
     # A close: both are released, with an alert.
     await trader.close()

@@ -20,9 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.journal import (
-    FRAME_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES,
+from gateway.persistence import (
     FileOps,
     Journal,
     PersistenceError,
@@ -32,6 +30,7 @@ from gateway.journal import (
     lock_state_dir,
     recover,
 )
+from gateway.persistence.framing import FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES
 
 # --------------------------------------------------------------------------- helpers
 # The encoders below restate the documented on-disk format independently of the
@@ -131,14 +130,15 @@ async def write_records(
     rec = recover(state)
     model = model or Model(rec)
     journal = Journal(state, rec, snapshot_source=model.snapshot, **kwargs)
-    await journal.start()
-    for start in range(0, len(ids), wave):
-        seqs = []
-        for i in ids[start : start + wave]:
-            model.items.append(i)
-            seqs.append(journal.append(payload(i)))
-        await asyncio.gather(*(journal.durable(s) for s in seqs))
-    await journal.close(snapshot=close_snapshot)
+    async with asyncio.TaskGroup() as tasks:
+        await journal.start(tasks)
+        for start in range(0, len(ids), wave):
+            seqs = []
+            for i in ids[start : start + wave]:
+                model.items.append(i)
+                seqs.append(journal.append(payload(i)))
+            await asyncio.gather(*(journal.durable(s) for s in seqs))
+        await journal.close(snapshot=close_snapshot)
     return journal
 
 
@@ -235,12 +235,13 @@ async def test_close_when_snapshot_requested_then_recovery_replays_no_records(
 
 async def test_snapshot_now_when_called_then_durable_snapshot_at_last_seq(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     model = Model()
     journal = Journal(state, recover(state), snapshot_source=model.snapshot)
-    await journal.start()
+    await journal.start(tasks)
     for i in (1, 2, 3):
         model.items.append(i)
         journal.append(payload(i))
@@ -698,6 +699,7 @@ async def test_random_damage_when_recovering_then_never_raises_and_never_invents
 
 async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survives(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     await write_records(state, list(range(1, 10)), wave=1)
@@ -712,7 +714,7 @@ async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survive
     model.halted = True  # the caller halts before starting the journal
     journal = Journal(state, rec, snapshot_source=model.snapshot)
 
-    await journal.start()
+    await journal.start(tasks)
     model.items.append(50)
     await journal.durable(journal.append(payload(50)))
     await journal.close(snapshot=False)
@@ -728,6 +730,7 @@ async def test_start_when_recovery_damaged_then_files_set_aside_and_halt_survive
 
 async def test_start_when_newest_snapshot_unreadable_at_same_seq_then_kept_aside_not_overwritten(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     await write_records(state, list(range(1, 13)), wave=5, snapshot_every=5)
@@ -742,7 +745,7 @@ async def test_start_when_newest_snapshot_unreadable_at_same_seq_then_kept_aside
     model = Model(rec)
     journal = Journal(state, rec, snapshot_source=model.snapshot)
 
-    await journal.start()
+    await journal.start(tasks)
     await journal.close(snapshot=False)
 
     (aside,) = state.glob(snap_name(10) + ".damaged-*")
@@ -812,12 +815,13 @@ class RecordingOps(FileOps):
 
 async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_no_early_ack(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     ops = RecordingOps()
     journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
 
     async def producer(k: int) -> None:
         for round_ in range(3):
@@ -839,12 +843,13 @@ async def test_group_commit_when_many_concurrent_producers_then_few_fsyncs_and_n
 
 async def test_when_durable_when_many_callbacks_then_each_called_once_after_its_fsync(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     ops = RecordingOps()
     journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
     done = asyncio.Event()
     answered: list[tuple[int, PersistenceError | None]] = []
 
@@ -875,18 +880,26 @@ async def test_when_durable_when_many_callbacks_then_each_called_once_after_its_
 
 
 class FailingSyncOps(FileOps):
+    """fdatasync fails once ``armed``."""
+
+    armed = False
+
     def fdatasync(self, fd: int) -> None:
-        raise OSError(5, "Input/output error")
+        if self.armed:
+            raise OSError(5, "Input/output error")
+        super().fdatasync(fd)
 
 
 async def test_when_durable_when_fsync_fails_then_callback_gets_persistence_error(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    journal = Journal(state, recover(state), snapshot_source=dict)
-    await journal.start()
-    journal._ops = FailingSyncOps()  # from now on: the segment exists, fsyncs fail
+    ops = FailingSyncOps()
+    journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
+    await journal.start(tasks)
+    ops.armed = True  # from now on: the segment exists, fsyncs fail
     answered: asyncio.Queue[PersistenceError | None] = asyncio.Queue()
     seq = journal.append(payload(1))
     journal.when_durable(seq, answered.put_nowait)
@@ -905,12 +918,13 @@ async def test_when_durable_when_fsync_fails_then_callback_gets_persistence_erro
 
 async def test_batch_when_written_then_one_frame_in_one_write_per_group_commit(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     ops = RecordingOps()
     journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
     start = len(ops.events)
 
     seqs = [journal.append(payload(i)) for i in range(1, 51)]
@@ -926,16 +940,16 @@ async def test_batch_when_written_then_one_frame_in_one_write_per_group_commit(
 
 
 async def test_batch_when_larger_than_a_frame_then_split_over_frames_in_one_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tasks: asyncio.TaskGroup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     size = len(orjson.dumps(payload(10)))
     # Room for three records of this size per frame, not four.
-    monkeypatch.setattr("gateway.journal.MAX_FRAME_BYTES", 3 * (size + 1) + 1)
+    monkeypatch.setattr("gateway.persistence.framing.MAX_FRAME_BYTES", 3 * (size + 1) + 1)
     ops = RecordingOps()
     journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
     start = len(ops.events)
 
     seqs = [journal.append(payload(i)) for i in range(10, 20)]
@@ -952,14 +966,17 @@ async def test_batch_when_larger_than_a_frame_then_split_over_frames_in_one_writ
 
 
 class BlockingSyncOps(FileOps):
-    """fdatasync waits for the test to let it through."""
+    """fdatasync waits for the test to let it through; ``held`` is set while one waits."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()
+        self.held = threading.Event()
         self.syncs = 0
 
     def fdatasync(self, fd: int) -> None:
+        if not self.gate.is_set():
+            self.held.set()
         self.gate.wait(10)
         self.syncs += 1
         super().fdatasync(fd)
@@ -967,16 +984,18 @@ class BlockingSyncOps(FileOps):
 
 async def test_durable_waiter_cancelled_when_write_in_flight_then_record_still_durable(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     ops = BlockingSyncOps()
     journal = Journal(state, recover(state), snapshot_source=dict, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
     ops.gate.clear()
     seq = journal.append(payload(1))
-    waiter = asyncio.create_task(journal.durable(seq))
-    await asyncio.sleep(0.05)
+    waiter = tasks.create_task(journal.durable(seq))
+    # The write is in flight: its fdatasync is held.
+    assert await asyncio.to_thread(ops.held.wait, 10)
 
     waiter.cancel()
     ops.gate.set()
@@ -1001,7 +1020,7 @@ class CountingOps(FileOps):
 
 @pytest.mark.parametrize("policy", ["interval", "never"])
 async def test_relaxed_policy_when_durable_then_no_fsync_until_synced_asks(
-    tmp_path: Path, policy: Any
+    tmp_path: Path, tasks: asyncio.TaskGroup, policy: Any
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -1014,7 +1033,7 @@ async def test_relaxed_policy_when_durable_then_no_fsync_until_synced_asks(
         snapshot_source=dict,
         ops=ops,
     )
-    await journal.start()
+    await journal.start(tasks)
     after_start = ops.fdatasyncs
     seqs = [journal.append(payload(i)) for i in range(1, 11)]
 
@@ -1030,6 +1049,7 @@ async def test_relaxed_policy_when_durable_then_no_fsync_until_synced_asks(
 
 async def test_always_policy_when_nobody_waits_then_written_lazily_and_fsync_owed_to_waiters(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     # A validation's audit record is appended and never awaited: under
     # "always" it is written in a batch of its own accord but costs no
@@ -1047,7 +1067,7 @@ async def test_always_policy_when_nobody_waits_then_written_lazily_and_fsync_owe
         ops=ops,
         on_batch=lambda records, fsync_s: batches.put_nowait((records, fsync_s)),
     )
-    await journal.start()
+    await journal.start(tasks)
     after_start = ops.fdatasyncs
     for i in range(1, 6):
         journal.append(payload(i))
@@ -1066,6 +1086,7 @@ async def test_always_policy_when_nobody_waits_then_written_lazily_and_fsync_owe
 
 async def test_always_policy_when_nobody_waits_then_fsynced_within_the_interval(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -1078,7 +1099,7 @@ async def test_always_policy_when_nobody_waits_then_fsynced_within_the_interval(
         snapshot_source=dict,
         on_batch=lambda _records, fsync_s: fsynced.set() if fsync_s is not None else None,
     )
-    await journal.start()
+    await journal.start(tasks)
     seq = journal.append(payload(1))
 
     await asyncio.wait_for(fsynced.wait(), timeout=10)
@@ -1089,13 +1110,14 @@ async def test_always_policy_when_nobody_waits_then_fsynced_within_the_interval(
 
 async def test_interval_policy_when_time_passes_then_fsynced_without_asking(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     journal = Journal(
         state, recover(state), fsync="interval", fsync_interval_ms=10, snapshot_source=dict
     )
-    await journal.start()
+    await journal.start(tasks)
     seq = journal.append(payload(1))
     await journal.durable(seq)
 
@@ -1107,11 +1129,13 @@ async def test_interval_policy_when_time_passes_then_fsynced_without_asking(
     await journal.close(snapshot=False)
 
 
-async def test_close_when_never_policy_then_everything_fsynced(tmp_path: Path) -> None:
+async def test_close_when_never_policy_then_everything_fsynced(
+    tmp_path: Path, tasks: asyncio.TaskGroup
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     journal = Journal(state, recover(state), fsync="never", snapshot_source=dict)
-    await journal.start()
+    await journal.start(tasks)
     for i in range(5):
         journal.append(payload(i))
 
@@ -1124,13 +1148,15 @@ async def test_close_when_never_policy_then_everything_fsynced(tmp_path: Path) -
 # --------------------------------------------------------------------------- misuse
 
 
-async def test_append_when_not_started_or_closed_then_runtime_error(tmp_path: Path) -> None:
+async def test_append_when_not_started_or_closed_then_runtime_error(
+    tmp_path: Path, tasks: asyncio.TaskGroup
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     journal = Journal(state, recover(state), snapshot_source=dict)
     with pytest.raises(RuntimeError):
         journal.append(payload(1))
-    await journal.start()
+    await journal.start(tasks)
     await journal.close()
     with pytest.raises(RuntimeError):
         journal.append(payload(1))
@@ -1138,22 +1164,25 @@ async def test_append_when_not_started_or_closed_then_runtime_error(tmp_path: Pa
 
 async def test_append_when_payload_not_encodable_then_type_error_and_no_seq_used(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     journal = Journal(state, recover(state), snapshot_source=dict)
-    await journal.start()
+    await journal.start(tasks)
     with pytest.raises(TypeError):
         journal.append({"qty": object()})
     assert journal.append(payload(1)) == 1
     await journal.close(snapshot=False)
 
 
-async def test_durable_when_seq_never_appended_then_value_error(tmp_path: Path) -> None:
+async def test_durable_when_seq_never_appended_then_value_error(
+    tmp_path: Path, tasks: asyncio.TaskGroup
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     journal = Journal(state, recover(state), snapshot_source=dict)
-    await journal.start()
+    await journal.start(tasks)
     with pytest.raises(ValueError):
         await journal.durable(1)
     await journal.durable(0)
@@ -1180,14 +1209,14 @@ def test_lock_when_held_by_another_process_then_refused(tmp_path: Path) -> None:
     child = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from gateway.journal import StateDirLocked, lock_state_dir\n"
+        "from gateway.persistence import StateDirLocked, lock_state_dir\n"
         "try:\n"
         "    lock_state_dir(Path(sys.argv[1]))\n"
         "except StateDirLocked as exc:\n"
         "    print(exc)\n"
         "    sys.exit(3)\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with lock_state_dir(state):
         done = subprocess.run(
             [sys.executable, "-c", child, str(state)],
@@ -1203,7 +1232,9 @@ def test_lock_when_held_by_another_process_then_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- failure basics
 
 
-async def test_failed_journal_when_appending_then_persistence_error(tmp_path: Path) -> None:
+async def test_failed_journal_when_appending_then_persistence_error(
+    tmp_path: Path, tasks: asyncio.TaskGroup
+) -> None:
     class FailingSync(FileOps):
         armed = False
 
@@ -1223,7 +1254,7 @@ async def test_failed_journal_when_appending_then_persistence_error(tmp_path: Pa
         failures.append(err)
 
     journal = Journal(state, recover(state), snapshot_source=dict, on_failure=on_failure, ops=ops)
-    await journal.start()
+    await journal.start(tasks)
     await journal.durable(journal.append(payload(1)))
     ops.armed = True
     seq = journal.append(payload(2))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.cli import describe_state_dir
-from gateway.journal import MANIFEST_NAME, recover
+from gateway.persistence import MANIFEST_NAME, recover
 from tests.conftest import ADMIN, TRADER, GatewayFactory, RunningGateway
 
 

@@ -18,11 +18,12 @@ import orjson
 import pytest
 
 from gateway.config import Limits
-from gateway.journal import Journal, _snapshot_bytes, recover, snapshot_name
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import Journal, Store, recover, snapshot_name
+from gateway.persistence.framing import snapshot_bytes
 from protocol.codes import Mode
 from tests.gwprocess import GatewayProcess, write_config
+from tests.statedir import wall_clock_ms
 from tests.wsclient import TestClient
 
 
@@ -34,17 +35,18 @@ async def write_journal(state_dir: Path, records: list[dict[str, Any]]) -> None:
     """Checksummed, durable records exactly as given, as a journal writes them."""
     state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(state_dir, recover(state_dir), snapshot_source=dict)
-    await journal.start()
-    seq = 0
-    for record in records:
-        seq = journal.append(record)
-    await journal.durable(seq)
-    await journal.close(snapshot=False)
+    async with asyncio.TaskGroup() as tasks:
+        await journal.start(tasks)
+        seq = 0
+        for record in records:
+            seq = journal.append(record)
+        await journal.durable(seq)
+        await journal.close(snapshot=False)
 
 
 def opened(state_dir: Path) -> tuple[EmergencyManager, Any]:
     manager = EmergencyManager(limits=Limits())
-    store = Store(manager, state_dir)
+    store = Store(manager, state_dir, clock=wall_clock_ms)
     recovered = store.open()
     return manager, recovered
 
@@ -74,13 +76,13 @@ async def test_record_that_cannot_be_applied_when_starting_then_halted_naming_it
 
 
 async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_is_used(
-    tmp_path: Path,
+    tmp_path: Path, tasks: asyncio.TaskGroup
 ) -> None:
     state_dir = tmp_path / "state"
     manager = EmergencyManager(limits=Limits())
-    store = Store(manager, state_dir, snapshot_every=3)
+    store = Store(manager, state_dir, clock=wall_clock_ms, snapshot_every=3)
     store.open()
-    await store.start()
+    await store.start(tasks)
     from decimal import Decimal
 
     from protocol.messages import PositionUpdate
@@ -95,7 +97,7 @@ async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_i
     seq = int(newest.name[9:29])
     broken = manager.snapshot()
     broken["accounts"]["A1"]["positions"][0][1] = "abc"  # whole and checksummed, not loadable
-    newest.write_bytes(_snapshot_bytes(seq, orjson.dumps(broken, default=str)))
+    newest.write_bytes(snapshot_bytes(seq, orjson.dumps(broken, default=str)))
     assert newest.name == snapshot_name(seq)
 
     fresh, recovered = opened(state_dir)

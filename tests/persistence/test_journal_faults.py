@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.journal import FileOps, Journal, PersistenceError, lock_state_dir, recover
+from gateway.persistence import FileOps, Journal, PersistenceError, lock_state_dir, recover
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MUTATING = frozenset(
     {"open", "write", "fdatasync", "fsync", "ftruncate", "replace", "unlink", "fsync_dir"}
 )
@@ -143,38 +143,44 @@ async def run_workload(state: Path, ops: FileOps, *, policy: Any = "always") -> 
         ops=ops,
     )
     out.journal = journal
+    async with asyncio.TaskGroup() as tasks:
+        await run_waves(journal, tasks, items, out)
+        with contextlib.suppress(PersistenceError):
+            await asyncio.wait_for(journal.close(), timeout=60)
+    return out
+
+
+async def run_waves(
+    journal: Journal, tasks: asyncio.TaskGroup, items: list[int], out: Outcome
+) -> None:
     next_id = 1000
     try:
-        await journal.start()
+        await journal.start(tasks)
     except PersistenceError:
-        pass
-    else:
-        for size in WAVES:
-            seqs = []
-            for _ in range(size):
-                try:
-                    seq = journal.append(payload(next_id))
-                except PersistenceError:
-                    out.append_refused_after_failure = True
-                    break
-                items.append(next_id)
-                out.issued[seq] = next_id
-                seqs.append(seq)
-                next_id += 1
-            # A waiter that is never resolved must fail the test, not hang it.
-            results = await asyncio.wait_for(
-                asyncio.gather(*(journal.durable(s) for s in seqs), return_exceptions=True),
-                timeout=60,
-            )
-            for seq, result in zip(seqs, results, strict=True):
-                if result is None:
-                    out.acked.add(seq)
-                else:
-                    assert isinstance(result, PersistenceError), result
-                    out.refused.add(seq)
-    with contextlib.suppress(PersistenceError):
-        await asyncio.wait_for(journal.close(), timeout=60)
-    return out
+        return
+    for size in WAVES:
+        seqs = []
+        for _ in range(size):
+            try:
+                seq = journal.append(payload(next_id))
+            except PersistenceError:
+                out.append_refused_after_failure = True
+                break
+            items.append(next_id)
+            out.issued[seq] = next_id
+            seqs.append(seq)
+            next_id += 1
+        # A waiter that is never resolved must fail the test, not hang it.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(journal.durable(s) for s in seqs), return_exceptions=True),
+            timeout=60,
+        )
+        for seq, result in zip(seqs, results, strict=True):
+            if result is None:
+                out.acked.add(seq)
+            else:
+                assert isinstance(result, PersistenceError), result
+                out.refused.add(seq)
 
 
 def check_outcome(
@@ -215,9 +221,10 @@ async def check_resume(state: Path, label: str) -> None:
     try:
         rec = recover(state)
         journal = Journal(state, rec, snapshot_source=lambda: {"items": [*before, 7]})
-        await journal.start()
-        await journal.durable(journal.append(payload(7)))
-        await journal.close()
+        async with asyncio.TaskGroup() as tasks:
+            await journal.start(tasks)
+            await journal.durable(journal.append(payload(7)))
+            await journal.close()
     finally:
         lock.release()
     after, rec = items_of(state)
@@ -270,21 +277,28 @@ async def test_nth_write_fails_under_relaxed_policy_then_recovery_is_clean_prefi
 
 async def test_snapshot_source_raising_when_snapshot_due_then_fails_closed(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
     failures: list[PersistenceError] = []
+    failed = asyncio.Event()
 
     def broken() -> dict[str, Any]:
         raise ValueError("state not serialisable")
 
+    def on_failure(error: PersistenceError) -> None:
+        failures.append(error)
+        failed.set()
+
     journal = Journal(
-        state, recover(state), snapshot_every=2, snapshot_source=broken, on_failure=failures.append
+        state, recover(state), snapshot_every=2, snapshot_source=broken, on_failure=on_failure
     )
-    await journal.start()
+    await journal.start(tasks)
     first = journal.append(payload(1))
     second = journal.append(payload(2))
-    await asyncio.sleep(0.05)
+    # The snapshot is due after the second record, once this callback returns.
+    await asyncio.wait_for(failed.wait(), timeout=10)
 
     assert journal.failed is not None and len(failures) == 1
     with pytest.raises(PersistenceError):
@@ -300,6 +314,7 @@ async def test_snapshot_source_raising_when_snapshot_due_then_fails_closed(
 
 async def test_snapshot_now_when_snapshot_write_fails_then_raises_instead_of_hanging(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -313,7 +328,7 @@ async def test_snapshot_now_when_snapshot_write_fails_then_raises_instead_of_han
         on_failure=failures.append,
         ops=ops,
     )
-    await journal.start()
+    await journal.start(tasks)
     await journal.durable(journal.append(payload(1)))
 
     with pytest.raises(PersistenceError):
@@ -327,18 +342,19 @@ async def test_snapshot_now_when_snapshot_write_fails_then_raises_instead_of_han
     assert not list(state.glob("*.tmp"))
 
 
-async def test_writer_task_cancelled_then_journal_fails_and_reports_once(tmp_path: Path) -> None:
+async def test_writer_task_cancelled_then_journal_fails_and_reports_once(
+    tmp_path: Path, tasks: asyncio.TaskGroup
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     failures: list[PersistenceError] = []
     journal = Journal(state, recover(state), snapshot_source=dict, on_failure=failures.append)
-    await journal.start()
+    await journal.start(tasks)
     await journal.durable(journal.append(payload(1)))
     (writer,) = [t for t in asyncio.all_tasks() if t.get_name() == "journal-writer"]
 
     writer.cancel()
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await asyncio.wait([writer])
 
     assert journal.failed is not None and len(failures) == 1
     with pytest.raises(PersistenceError):
@@ -350,6 +366,7 @@ async def test_writer_task_cancelled_then_journal_fails_and_reports_once(tmp_pat
 
 async def test_file_ops_raising_non_os_error_then_writer_crash_is_a_failure(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     class Buggy(FileOps):
         armed = False
@@ -366,7 +383,7 @@ async def test_file_ops_raising_non_os_error_then_writer_crash_is_a_failure(
     journal = Journal(
         state, recover(state), snapshot_source=dict, on_failure=failures.append, ops=ops
     )
-    await journal.start()
+    await journal.start(tasks)
     ops.armed = True
 
     with pytest.raises(PersistenceError, match="crashed"):
@@ -379,11 +396,12 @@ async def test_file_ops_raising_non_os_error_then_writer_crash_is_a_failure(
 
 async def test_repair_fails_during_recovery_then_os_error_and_next_recovery_succeeds(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     state = tmp_path / "state"
     lock = lock_state_dir(state)
     journal = Journal(state, recover(state), snapshot_source=dict)
-    await journal.start()
+    await journal.start(tasks)
     for i in range(1, 4):
         await journal.durable(journal.append(payload(i)))
     await journal.close(snapshot=False)
@@ -429,6 +447,7 @@ def _mount_tmpfs(target: Path, size: str) -> bool:
 
 async def test_disk_full_on_tmpfs_then_fails_closed_and_recovery_is_clean_prefix(
     tmp_path: Path,
+    tasks: asyncio.TaskGroup,
 ) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -445,7 +464,7 @@ async def test_disk_full_on_tmpfs_then_fails_closed_and_recovery_is_clean_prefix
             snapshot_source=dict,
             on_failure=failures.append,
         )
-        await journal.start()
+        await journal.start(tasks)
         acked: list[int] = []
         refused: list[int] = []
         blob = "x" * 1500
@@ -481,14 +500,9 @@ async def test_disk_full_on_tmpfs_then_fails_closed_and_recovery_is_clean_prefix
 _FSIZE_CHILD = r"""
 import asyncio, json, resource, signal, sys
 from pathlib import Path
-from gateway.journal import Journal, PersistenceError, lock_state_dir, recover
+from gateway.persistence import Journal, PersistenceError, lock_state_dir, recover
 
-async def main(state):
-    lock = lock_state_dir(state)
-    journal = Journal(state, recover(state), snapshot_every=10**9, snapshot_source=dict)
-    await journal.start()
-    # Only now: the limit applies to files this process writes from here on.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+async def fill(journal):
     acked, refused, error = [], [], None
     for _ in range(400):
         try:
@@ -499,10 +513,20 @@ async def main(state):
         results = await asyncio.gather(*(journal.durable(s) for s in seqs), return_exceptions=True)
         for seq, result in zip(seqs, results):
             (acked if result is None else refused).append(seq)
-    try:
-        await journal.close()
-    except PersistenceError:
-        pass
+    return acked, refused, error
+
+async def main(state):
+    lock = lock_state_dir(state)
+    journal = Journal(state, recover(state), snapshot_every=10**9, snapshot_source=dict)
+    async with asyncio.TaskGroup() as tasks:
+        await journal.start(tasks)
+        # Only now: the limit applies to files this process writes from here on.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+        acked, refused, error = await fill(journal)
+        try:
+            await journal.close()
+        except PersistenceError:
+            pass
     print(json.dumps({"acked": acked, "refused": refused, "error": error}))
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gateway.cli import describe_state_dir
 from gateway.config import Limits
 from gateway.manager import EmergencyManager
-from gateway.store import Store
+from gateway.persistence import Store
 from protocol.codes import Mode
 from protocol.messages import EmergencySet, OrderValidate, PositionUpdate, PriceUpdate
 from tests.conftest import ADMIN, VIEWER, GatewayFactory
@@ -128,12 +128,21 @@ step = st.one_of(
 async def _run_history(
     state_dir: Path, steps: list[tuple[object, ...]], snapshot_every: int
 ) -> dict[str, object]:
+    async with asyncio.TaskGroup() as tasks:
+        return await _run_history_in(tasks, state_dir, steps, snapshot_every)
+
+
+async def _run_history_in(
+    tasks: asyncio.TaskGroup, state_dir: Path, steps: list[tuple[object, ...]], snapshot_every: int
+) -> dict[str, object]:
     now = [1_000_000]
     limits = Limits.from_mapping({"max_exposure": "5000", "reservation_ttl_ms": 2000})
     manager = EmergencyManager(limits=limits, clock=lambda: now[0])
-    store = Store(manager, state_dir, fsync="never", snapshot_every=snapshot_every)
+    store = Store(
+        manager, state_dir, clock=lambda: now[0], fsync="never", snapshot_every=snapshot_every
+    )
     store.open()
-    await store.start()
+    await store.start(tasks)
     last = 0
     for item in steps:
         kind = item[0]
@@ -176,13 +185,13 @@ async def _run_history(
     await store.close(snapshot=False)
     # Restarted with the same configuration, as a real restart would be.
     recovered_manager = EmergencyManager(limits=limits, clock=lambda: now[0])
-    again = Store(recovered_manager, state_dir, fsync="never")
+    again = Store(recovered_manager, state_dir, clock=lambda: now[0], fsync="never")
     again.open()
     got = (recovered_manager.state_view(), recovered_manager.snapshot())
     total, _per_account = recovered_manager.recompute_exposure()
     assert total == recovered_manager.gross_exposure
     assert again.recovered is not None and again.recovered.damage is None
-    await again.start()
+    await again.start(tasks)
     await again.close(snapshot=False)
     return {"expected": expected, "got": got}
 
