@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -23,7 +24,7 @@ from gateway.config import (
 from gateway.manager import EmergencyManager, install_risk_context
 from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
-from gateway.server import Gateway, start_gateway
+from gateway.net.server import Gateway, running_gateway
 
 log = logging.getLogger("gateway")
 
@@ -135,28 +136,55 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
         print(f"risk-gateway: {exc}", file=sys.stderr)
         return 2
     try:
-        gateway = await start_gateway(config, tokens, rules)
-    except StateDirLocked as exc:
-        print(f"risk-gateway: {exc}", file=sys.stderr)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                gateway = await stack.enter_async_context(running_gateway(config, tokens, rules))
+            except StateDirLocked as exc:
+                print(f"risk-gateway: {exc}", file=sys.stderr)
+                return 1
+            except (OSError, PersistenceError) as exc:
+                # Read-only, no permission, not a directory, no space: one line, exit 2.
+                print(
+                    f"risk-gateway: cannot open the state directory {state_dir}: "
+                    f"{_why(exc, state_dir)}",
+                    file=sys.stderr,
+                )
+                return 2
+            _started(gateway, config, printed)
+            async with asyncio.TaskGroup() as reloads:
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(
+                    signal.SIGHUP,
+                    lambda: reloads.create_task(_reload(gateway, config, overrides)),
+                )
+                await stop.wait()
+                loop.remove_signal_handler(signal.SIGHUP)
+            log.info("shutting down")
+            await gateway.stop()
+    except PersistenceError as exc:
+        # Changes after the failure were never acknowledged; recovery starts from disk.
+        log.critical("stopped after a persistence failure (exit 1): %s", exc)
         return 1
-    except (OSError, PersistenceError) as exc:
-        # Read-only, no permission, not a directory, no space: one line, exit 2.
-        print(
-            f"risk-gateway: cannot open the state directory {state_dir}: {_why(exc, state_dir)}",
-            file=sys.stderr,
-        )
-        return 2
-    manager = gateway.manager
+    log.info("stopped cleanly")
+    return 0
+
+
+def _started(gateway: Gateway, config: GatewayConfig, printed: dict[str, str] | None) -> None:
+    """Say how the start went: the recovery, first-start tokens, where it listens."""
     store = gateway.store
-    assert store is not None and store.recovered is not None
     recovered = store.recovered
+    assert recovered is not None
     log.info(
         "recovered %d records (snapshot seq %d) in %.3f s; mode %s",
         store.replayed,
         recovered.snapshot_seq,
         store.recovery_seconds,
-        manager.gateway_mode.mode.value,
+        gateway.engine.gateway_mode.mode.value,
     )
+    state_dir = config.persistence.state_dir
     if printed:
         print(
             "First start: one token per role (stored only as SHA-256 in "
@@ -169,30 +197,6 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
     log.info(
         "listening on %s, state in %s, fsync %s", gateway.url, state_dir, config.persistence.fsync
     )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    reloads: set[asyncio.Task[None]] = set()
-
-    def reload() -> None:
-        task = asyncio.create_task(_reload(gateway, config, overrides))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    log.info("shutting down")
-    try:
-        await gateway.stop()
-    except PersistenceError as exc:
-        # Changes after the failure were never acknowledged; recovery starts from disk.
-        log.critical("stopped after a persistence failure (exit 1): %s", exc)
-        return 1
-    log.info("stopped cleanly")
-    return 0
 
 
 def _why(error: BaseException, state_dir: Path) -> str:
@@ -219,7 +223,7 @@ async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, 
     for key in unapplied_changes(config, fresh):
         log.warning("SIGHUP: %s changed in %s; not applied until a restart", key, config.source)
     try:
-        if await gateway.reload_limits(fresh.limits, actor="config"):
+        if await gateway.service.reload_limits(fresh.limits, actor="config"):
             log.warning("SIGHUP: limits from %s applied", config.source)
         else:
             log.info("SIGHUP: limits unchanged")

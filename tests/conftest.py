@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -10,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway import server as gateway_server
 from gateway.auth import TokenStore, hash_token
 from gateway.config import GatewayConfig, Limits, PersistenceConfig, ServerConfig, TokenConfig
-from gateway.manager import EmergencyManager
-from gateway.server import Gateway
+from gateway.core.engine import RiskEngine
+from gateway.net.server import Gateway, running_gateway
 from protocol.codes import Role
 from tests.wsclient import TestClient
 
@@ -67,8 +67,8 @@ class RunningGateway:
         return self.gateway.url
 
     @property
-    def manager(self) -> EmergencyManager:
-        return self.gateway.manager
+    def manager(self) -> RiskEngine:
+        return self.gateway.engine
 
     async def client(self, token: str | None = ADMIN, **kwargs: Any) -> TestClient:
         client = await TestClient.open(self.url, token, **kwargs)
@@ -100,8 +100,33 @@ async def start_gateway(
         limits=Limits.from_mapping(limits or {}),
         tokens=token_configs(),
     )
-    gateway = await gateway_server.start_gateway(config, TokenStore(config.tokens))
-    return RunningGateway(gateway, state_dir)
+    return RunningGateway(await serve_in_task(config, TokenStore(config.tokens)), state_dir)
+
+
+async def serve_in_task(config: GatewayConfig, tokens: TokenStore) -> Gateway:
+    """Start a gateway that runs in a task of its own until ``gateway.stop()``
+    (a test's setup and teardown run in different tasks, and the gateway's
+    TaskGroup must be entered and left in one)."""
+    started: asyncio.Future[Gateway] = asyncio.get_running_loop().create_future()
+
+    async def hold() -> None:
+        try:
+            async with running_gateway(config, tokens) as gateway:
+                started.set_result(gateway)
+                await gateway.wait_stopped()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    task = asyncio.create_task(hold(), name="test-gateway")
+    _HELD.add(task)
+    task.add_done_callback(_HELD.discard)
+    return await started
+
+
+#: The tasks serving the tests' gateways (kept referenced while they run).
+_HELD: set[asyncio.Task[None]] = set()
 
 
 @pytest.fixture

@@ -12,7 +12,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+<<<<<<< HEAD
 from gateway import server as gateway_server
+=======
+from gateway.net import session as net_session
+>>>>>>> 2d72bfd (WIP service)
 from gateway.net import wsio
 from protocol.messages import PositionEntry, PositionSnapshot
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
@@ -98,15 +102,19 @@ async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push
     if paused:
         # The transport goes over its high-water mark just as the answer is
         # about to be written, and drains on the next turn of the loop.
-        answer = gateway_server.Session.answer
+        answer = net_session.Session.answer
 
+<<<<<<< HEAD
         def answer_while_paused(session: gateway_server.Session, frame: bytes) -> bool:
+=======
+        def answer_while_paused(session: net_session.Session, frame: bytes) -> None:
+>>>>>>> 2d72bfd (WIP service)
             if b'"decision"' in frame and not wsio.is_write_paused(session.ws):
                 session.ws.pause_writing()
                 asyncio.get_running_loop().call_soon(session.ws.resume_writing)
-            return answer(session, frame)
+            answer(session, frame)
 
-        monkeypatch.setattr(gateway_server.Session, "answer", answer_while_paused)
+        monkeypatch.setattr(net_session.Session, "answer", answer_while_paused)
     async with connect(
         gw.url, additional_headers={"Authorization": f"Bearer {ADMIN}"}, compression=None
     ) as ws:
@@ -378,15 +386,16 @@ async def test_pipelined_burst_when_client_reads_then_every_answer_and_no_evicti
     # Eight state.get in one write, each answer about 150 KB: 1.2 MB in all,
     # more than max_queued_bytes (1 MiB). Answers held for one write must not
     # count the client as a slow consumer while it reads.
-    manager = gw.gateway.manager
+    manager = gw.gateway.engine
     for a in range(4):
         entries = tuple(
             PositionEntry(symbol=f"SYMBOL-{i:05d}", qty=Decimal(1), price=Decimal(1))
             for i in range(1000)
         )
-        manager.snapshot_positions(PositionSnapshot(account=f"ACC{a}", positions=entries))
-    gw.gateway._commit()
-    gw.gateway._publish()
+        manager.snapshot_positions(
+            PositionSnapshot(account=f"ACC{a}", positions=entries), gw.gateway.clock()
+        )
+    gw.gateway.service.commit_and_publish()
     ws = await connect(
         gw.url, additional_headers={"Authorization": f"Bearer {ADMIN}"}, max_size=None
     )

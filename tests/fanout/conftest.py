@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.fanout import Flusher
-from gateway.net.taskhost import TaskHost
 from tests.fanout.builders import current, patch_wsio
 
 
@@ -18,11 +18,23 @@ def fake_wsio(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 async def outbox_tasks() -> AsyncIterator[None]:
-    """A fresh flusher and the task group of the test's outboxes; a task that
-    let an error out into the group fails the test at teardown."""
-    host = TaskHost()
+    """A fresh flusher and the task group of the test's outboxes, held open by
+    a task standing in for the connection handler (a fixture's setup and
+    teardown run in different tasks); a task that let an error out into the
+    group fails the test at teardown."""
+    ready: asyncio.Future[asyncio.TaskGroup] = asyncio.get_running_loop().create_future()
+
+    async def connection_handler() -> None:
+        async with asyncio.TaskGroup() as tasks:
+            ready.set_result(tasks)
+            await asyncio.Event().wait()  # until the test ends
+
+    handler = asyncio.create_task(connection_handler())
     current.flusher = Flusher()
-    current.tasks = await host.start()
+    current.tasks = await ready
     yield
     current.tasks = None
-    await host.stop()
+    handler.cancel()
+    await asyncio.wait([handler])
+    if not handler.cancelled():
+        raise AssertionError("a task of the outboxes' group failed") from handler.exception()

@@ -12,7 +12,6 @@ import pytest
 
 from gateway.fanout import Delivery
 from gateway.fanout import outbox as outbox_module
-from gateway.net.taskhost import TaskHost
 from protocol.codec import encode_ok
 from protocol.codes import Channel
 from tests.fanout.builders import (
@@ -341,13 +340,22 @@ async def test_outbox_when_its_task_group_has_ended_then_closed_and_aborted_not_
 
 
 async def test_eviction_close_when_cancelled_with_its_group_then_socket_aborted() -> None:
-    host = TaskHost()
+    ready: asyncio.Future[asyncio.TaskGroup] = asyncio.get_running_loop().create_future()
+
+    async def connection_handler() -> None:
+        async with asyncio.TaskGroup() as tasks:
+            ready.set_result(tasks)
+            await asyncio.Event().wait()  # until the connection ends
+
+    handler = asyncio.create_task(connection_handler())
     ws = FakeWs(reading=False, close_hangs=True)
-    sub = make_sub(max_queued_bytes=100, ws=ws, slow_consumer_ms=20, tasks=await host.start())
+    sub = make_sub(max_queued_bytes=100, ws=ws, slow_consumer_ms=20, tasks=await ready)
     sub.outbox.push(b"x" * 200, Delivery.ANSWER)  # over the bound, never taken
     await sub.eviction()
     await settle()
     assert ws.closes == [(4003, "slow consumer")]  # the closing handshake hangs
     assert not ws.aborted.is_set()
-    await host.stop()  # the connection's group ends: no error, the socket goes
+    handler.cancel()  # the connection's group ends: no error, the socket goes
+    await asyncio.wait([handler])
+    assert handler.cancelled(), "a task of the group failed"
     assert ws.aborted.is_set()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import pytest
 import uvloop
 
-_BOTH_LOOPS = frozenset({"test_wsio.py", "test_taskhost.py"})
+_BOTH_LOOPS = frozenset({"test_wsio.py"})
 
 
 def pytest_asyncio_loop_factories(
