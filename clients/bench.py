@@ -1745,11 +1745,12 @@ async def _write_journal(state_dir: Path, records: int) -> dict[str, Any]:
 
 def _time_recovery(state_dir: Path) -> dict[str, Any]:
     """Time ``Store.open()`` (lock, recover, replay) in this fresh process."""
+    from gateway.core.engine import RiskEngine
+    from gateway.core.limits import Limits
     from gateway.journal import recover
-    from gateway.manager import EmergencyManager
     from gateway.store import Store
 
-    manager = EmergencyManager()
+    manager = RiskEngine(limits=Limits(), now_ms=time.time_ns() // 1_000_000)
     store = Store(manager, state_dir, fsync="never")
     started = time.perf_counter()
     store.open()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from gateway.config import (
     unapplied_changes,
     with_overrides,
 )
+from gateway.core.context import install_risk_context
+from gateway.core.engine import RiskEngine
+from gateway.core.limits import Limits
 from gateway.journal import PersistenceError, StateDirLocked, inspect_state_dir
-from gateway.manager import EmergencyManager, install_risk_context
 from gateway.rules import Rule, load_rules
 from gateway.server import Gateway, start_gateway
 from gateway.store import rebuild
@@ -240,10 +243,11 @@ def describe_state_dir(state_dir: Path) -> dict[str, Any]:
     report = inspect_state_dir(state_dir)
     report.pop("snapshot_payload", None)
     report.pop("tail_payloads", None)
-    manager = EmergencyManager()
+    now_ms = time.time_ns() // 1_000_000
+    manager = RiskEngine(limits=Limits(), now_ms=now_ms)
     # As a start would rebuild it: a snapshot or record that cannot be applied
     # is damage too (named), never a traceback.
-    recovered, _replayed = rebuild(manager, state_dir, repair=False)
+    recovered, _replayed = rebuild(manager, state_dir, repair=False, now_ms=now_ms)
     if recovered.damage is not None and report.get("damage") is None:
         report["damage"] = recovered.damage.as_dict()
     report["emergency"] = manager.emergency_view()

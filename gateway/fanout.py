@@ -62,24 +62,18 @@ import contextlib
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from gateway.auth import Principal
-from gateway.manager import (
-    AlertRaised,
-    DecisionMade,
-    EmergencyChanged,
-    EmergencyManager,
-    Event,
-    ExposureChanged,
-    filter_emergency,
-)
+from gateway.core.engine import RiskEngine
+from gateway.core.events import AlertRaised, DecisionMade, Event, ExposureChanged, ModeChanged
+from gateway.core.views import EmergencyView, filter_emergency
 from protocol.codec import encode_push
 from protocol.codes import AlertCode, AlertLevel, Channel, CloseCode, ErrorCode, Role
 from protocol.errors import ProtocolError, bad_request
@@ -615,7 +609,7 @@ class Fanout:
 
     def __init__(
         self,
-        manager: EmergencyManager,
+        manager: RiskEngine,
         *,
         heartbeat_s: float,
         clock: Callable[[], int],
@@ -634,16 +628,16 @@ class Fanout:
         # a resume asks for it: with no live ``decisions`` subscriber, a
         # validation costs no encoding.
         self._buffers: dict[
-            Channel, deque[tuple[int, bytes | None, str | None, dict[str, Any]]]
+            Channel, deque[tuple[int, bytes | None, str | None, Mapping[str, Any]]]
         ] = {channel: deque(maxlen=buffer_size) for channel in SEQ_CHANNELS}
         self.history = history
         # (alert, audience) of the last ALERT_HISTORY alerts.
-        self._alerts: deque[tuple[dict[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
-        self._decisions: deque[dict[str, Any]] = deque(maxlen=history)
+        self._alerts: deque[tuple[Mapping[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
+        self._decisions: deque[Mapping[str, Any]] = deque(maxlen=history)
         self._members: dict[int, _Member] = {}
         self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
         self._exposure_sent_ms: dict[str, int] = {}
-        self._exposure_sent: dict[str, dict[str, Any]] = {}
+        self._exposure_sent: dict[str, Mapping[str, Any]] = {}
         self._exposure_due: dict[str, int] = {}
         self._exposure_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -756,7 +750,7 @@ class Fanout:
     def publish(self, events: Iterable[Event]) -> None:
         """Queue the pushes for the manager's events, in order. Never awaits.
 
-        ``EmergencyChanged`` goes to every added connection (never dropped
+        ``ModeChanged`` goes to every added connection (never dropped
         while it is connected), ``AlertRaised`` to ``alerts``,
         ``DecisionMade`` to ``decisions``, ``ExposureChanged`` to ``exposure``
         (coalesced, trader-filtered).
@@ -764,7 +758,7 @@ class Fanout:
         self._depth += 1
         try:
             for event in events:
-                if isinstance(event, EmergencyChanged):
+                if isinstance(event, ModeChanged):
                     self._emit(Channel.EMERGENCY, event.view)
                 elif isinstance(event, AlertRaised):
                     alert = event.alert
@@ -864,7 +858,7 @@ class Fanout:
         names = set(_PERMANENT) | member.live | set(member.pending)
         return [channel.value for channel in Channel if channel in names]
 
-    def _emit(self, channel: Channel, data: dict[str, Any], audience: str | None = None) -> None:
+    def _emit(self, channel: Channel, data: Mapping[str, Any], audience: str | None = None) -> None:
         seq = self._seq[channel] + 1
         self._seq[channel] = seq
         if channel is not Channel.EMERGENCY and not self._live[channel]:
@@ -897,7 +891,7 @@ class Fanout:
         self,
         member: _Member,
         seq: int,
-        data: dict[str, Any],
+        data: Mapping[str, Any],
         cache: dict[frozenset[str], bytes] | None = None,
         *,
         snapshot: bool = False,
@@ -907,7 +901,7 @@ class Fanout:
         key = principal.accounts
         if cache is not None and key in cache:
             return cache[key]
-        view = filter_emergency(data, principal.may_read_account)
+        view = filter_emergency(cast(EmergencyView, data), principal.may_read_account)
         wire = encode_push(Channel.EMERGENCY.value, seq, view, snapshot=snapshot)
         if cache is not None:
             cache[key] = wire
@@ -939,7 +933,7 @@ class Fanout:
         return True
 
     def _send_snapshot(self, member: _Member, channel: Channel) -> None:
-        data: dict[str, Any]
+        data: Mapping[str, Any]
         if channel is Channel.EMERGENCY:
             data = self.manager.emergency_view(member.sub.principal.readable)
         elif channel is Channel.ALERTS:
@@ -951,9 +945,9 @@ class Fanout:
         frame = encode_push(channel.value, self._seq[channel], data, snapshot=True)
         member.sub.outbox.push(frame, priority=channel is Channel.EMERGENCY)
 
-    def _visible_alerts(self, member: _Member) -> list[dict[str, Any]]:
+    def _visible_alerts(self, member: _Member) -> list[Mapping[str, Any]]:
         """The last ``history`` alerts ``member`` may see, oldest first."""
-        visible: list[dict[str, Any]] = []
+        visible: list[Mapping[str, Any]] = []
         for alert, audience in reversed(self._alerts):
             if audience is None or self._may_see(member, audience):
                 visible.append(alert)

@@ -1422,7 +1422,7 @@ class Journal:
 
     # ------------------------------------------------------------------ appending
 
-    def append(self, payload: dict[str, Any]) -> int:
+    def append(self, payload: Mapping[str, Any]) -> int:
         """Queue a record and return its seq; it is not durable until ``durable(seq)`` returns.
 
         Synchronous and O(1). Raises :class:`PersistenceError` if the journal failed

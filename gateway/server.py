@@ -17,7 +17,7 @@ import contextlib
 import http
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ from gateway import metrics
 from gateway.admission import FD_RESERVE, Admission, GatewayConnection, open_fds, raise_fd_limit
 from gateway.auth import Principal, TokenStore
 from gateway.config import GatewayConfig, Limits
+from gateway.core.engine import RiskEngine
+from gateway.core.events import Decision, ModeChanged
+from gateway.core.modes import GATEWAY_ACTOR
+from gateway.core.records import StagedRecord
 from gateway.fanout import Fanout, Outbox
 from gateway.journal import PersistenceError
-from gateway.manager import GATEWAY_ACTOR, EmergencyChanged, EmergencyManager
 from gateway.rules import Rule
 from gateway.store import Store
 from protocol import codec
@@ -125,7 +128,7 @@ class _Durable:
     """A request's answer, to be sent once journal record ``seq`` is durable."""
 
     seq: int
-    result: dict[str, Any]
+    result: Mapping[str, Any]
 
 
 @dataclass(eq=False, slots=True)
@@ -185,7 +188,7 @@ class Gateway:
         config: GatewayConfig,
         *,
         tokens: TokenStore,
-        manager: EmergencyManager,
+        manager: RiskEngine,
         store: Store | None,
         clock: Callable[[], int] = _now_ms,
     ) -> None:
@@ -493,6 +496,7 @@ class Gateway:
                 AlertCode.CLIENT_DISCONNECTED,
                 f"connection {session.conn_id} of {session.principal.name} closed; "
                 f"released {released} reservation(s)",
+                now_ms=self.clock(),
                 for_traders=False,
             )
             self._commit()
@@ -615,7 +619,7 @@ class Gateway:
         self.store.journal.when_durable(outcome.seq, answer)
 
     async def _answer_later(
-        self, session: Session, request: Request, outcome: Awaitable[dict[str, Any]]
+        self, session: Session, request: Request, outcome: Awaitable[Mapping[str, Any]]
     ) -> None:
         try:
             result = await outcome
@@ -637,7 +641,7 @@ class Gateway:
 
     def _dispatch(
         self, session: Session, request: Request
-    ) -> bytes | _Durable | Awaitable[dict[str, Any]]:
+    ) -> bytes | _Durable | Awaitable[Mapping[str, Any]]:
         """Run one request. Returns the response bytes; ``_Durable`` when the
         answer must wait for its journal records (answered by a journal
         callback); or an awaitable result for the admin changes, which wait
@@ -663,7 +667,7 @@ class Gateway:
                 # record, the metrics and the decision push follow, off the
                 # client's round trip. Records and pushes keep their order: the
                 # next request's are queued after these.
-                frame = codec.encode_ok(request.id, decision)
+                frame = codec.encode_ok(request.id, decision.to_wire())
                 if not session.answer(frame):
                     # Queued ahead of the push, flushed with the answers (a
                     # writer waits for the drain), and the read loop waits too.
@@ -674,14 +678,14 @@ class Gateway:
                     log.exception("bookkeeping after order.validate")
                 return b""
             seq = self._validated(session, params, decision, took)
-            if decision["reservation_id"] is not None:
+            if decision.reservation_id is not None:
                 # A repeat of a client_order_id writes no record, but answers
                 # with a reservation whose own record may not be durable yet:
                 # wait for everything appended so far.
                 seq = seq or self._last_seq()
                 if seq:
-                    return _Durable(seq, decision)
-            return codec.encode_ok(request.id, decision)
+                    return _Durable(seq, decision.to_wire())
+            return codec.encode_ok(request.id, decision.to_wire())
         if method == "session.auth":
             assert isinstance(params, SessionAuth)
             if principal is not None:
@@ -758,21 +762,21 @@ class Gateway:
         }
 
     def _validated(
-        self, session: Session, params: OrderValidate, decision: dict[str, Any], took: float
+        self, session: Session, params: OrderValidate, decision: Decision, took: float
     ) -> int:
         """After a validation: metrics, the journal record(s), the decision push.
 
         Returns the seq of the last record appended (0: none)."""
         metrics.VALIDATION_LATENCY.observe(took)
-        metrics.count_validation(decision["decision"], decision["reasons"])
-        if decision["reasons"] and log.isEnabledFor(logging.DEBUG):
+        metrics.count_validation(decision.decision, decision.reasons)
+        if decision.reasons and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "connection %d: order.validate %s %s %s rejected: %s",
                 session.conn_id,
                 params.account,
                 params.symbol,
                 params.side,
-                ", ".join(reason["code"] for reason in decision["reasons"]),
+                ", ".join(reason["code"] for reason in decision.reasons),
             )
         seq = self._commit()
         self._publish()
@@ -780,11 +784,12 @@ class Gateway:
 
     def _trading(
         self, session: Session, request: Request, principal: Principal
-    ) -> bytes | _Durable | Awaitable[dict[str, Any]]:
+    ) -> bytes | _Durable | Awaitable[Mapping[str, Any]]:
         params = request.params
         self._require_writable()
         manager = self.manager
         now = self.clock()
+        result: Mapping[str, Any]
         if isinstance(params, PositionUpdate):
             self._require_trading(principal, params.account)
             result = manager.update_position(params, now)
@@ -814,7 +819,7 @@ class Gateway:
             return codec.encode_ok(request.id, result)
         return _Durable(seq, result)
 
-    async def _set_emergency(self, params: EmergencySet, actor: str) -> dict[str, Any]:
+    async def _set_emergency(self, params: EmergencySet, actor: str) -> Mapping[str, Any]:
         """Durable before the response and the push, in every fsync mode.
 
         The response follows the push (see ``Flusher.barrier``).
@@ -847,7 +852,7 @@ class Gateway:
             await self.fanout.flusher.barrier()
             return view
 
-    async def _set_limits(self, params: LimitsSet, actor: str) -> dict[str, Any]:
+    async def _set_limits(self, params: LimitsSet, actor: str) -> Mapping[str, Any]:
         manager = self.manager
         async with self._admin_lock:
             record = manager.prepare_limits(params.version, params.limits, actor, self.clock())
@@ -895,7 +900,7 @@ class Gateway:
             await self._stage_durably(record)
             return bool(changed)
 
-    def _state(self, principal: Principal, params: StateGet) -> dict[str, Any]:
+    def _state(self, principal: Principal, params: StateGet) -> Mapping[str, Any]:
         manager = self.manager
         manager.expire_reservations(self.clock())
         self._commit()
@@ -944,7 +949,7 @@ class Gateway:
             return 0
         return self.store.journal.last_seq
 
-    async def _stage_durably(self, record: dict[str, Any]) -> None:
+    async def _stage_durably(self, record: StagedRecord) -> None:
         """Stage an emergency or limits record and return once it is published
         (fsynced first, in every fsync mode); its events are pushed by then.
 
@@ -982,7 +987,7 @@ class Gateway:
         events = self.manager.drain_events()
         if events:
             for event in events:
-                if type(event) is EmergencyChanged and event.actor == GATEWAY_ACTOR:
+                if type(event) is ModeChanged and event.actor == GATEWAY_ACTOR:
                     view = event.view
                     log.warning(
                         "emergency change by %s: gateway %s (%s), version %d",
@@ -1048,8 +1053,9 @@ async def start_gateway(
     directory whose file limits were since edited gets them as a new version.
     Raises ``StateDirLocked`` when another gateway holds the directory.
     """
-    manager = EmergencyManager(
+    manager = RiskEngine(
         limits=config.limits,
+        now_ms=_now_ms(),
         rules=rules,
         max_symbols_per_account=config.server.max_symbols_per_account,
         max_reservations_per_account=config.server.max_reservations_per_account,
@@ -1062,10 +1068,11 @@ async def start_gateway(
         fsync_interval_ms=persistence.fsync_interval_ms,
         snapshot_every=persistence.snapshot_every,
         on_batch=metrics.observe_batch,
+        clock=_now_ms,
     )
     recovered = store.open()
     if recovered.fresh:
-        manager.adopt_file_limits(config.limits)
+        manager.adopt_file_limits(config.limits, _now_ms())
     gateway = Gateway(config, tokens=tokens, manager=manager, store=store)
     await gateway.start()
     # The operator may have edited the file since its limits were last applied:

@@ -1,4 +1,4 @@
-"""The durable shell around an ``EmergencyManager``: lock, recovery, journal.
+"""The durable shell around a ``RiskEngine``: lock, recovery, journal.
 
 Start-up and crash recovery are one code path (``Store.open``): take the lock
 on the state directory, load the newest valid snapshot, replay the journal
@@ -17,10 +17,12 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.core.engine import RiskEngine
+from gateway.core.records import RecordNotApplied
 from gateway.journal import (
     Damage,
     Journal,
@@ -31,7 +33,6 @@ from gateway.journal import (
     lock_state_dir,
     recover,
 )
-from gateway.manager import EmergencyManager, RecordNotApplied
 from protocol.codes import AlertCode, AlertLevel
 
 log = logging.getLogger("gateway.store")
@@ -41,7 +42,9 @@ FsyncPolicy = str
 _STAGED_TYPES = frozenset({"emg", "lim"})
 
 
-def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tuple[Recovered, int]:
+def rebuild(
+    manager: RiskEngine, state_dir: Path, *, repair: bool, now_ms: int
+) -> tuple[Recovered, int]:
     """Recover ``state_dir`` into ``manager``: the newest snapshot that loads,
     then the journal records after it. Returns the recovery and how many
     records were replayed.
@@ -57,7 +60,7 @@ def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tupl
     unusable: dict[int, str] = {}
     while True:
         recovered = recover(state_dir, repair=repair, unusable_snapshots=unusable)
-        manager.reset_state(limits)
+        manager.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             try:
                 manager.load_snapshot(recovered.snapshot)
@@ -69,7 +72,7 @@ def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tupl
         except RecordNotApplied:
             pass
         # Which record: one at a time on a fresh state (only after a failure).
-        manager.reset_state(limits)
+        manager.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             manager.load_snapshot(recovered.snapshot)
         payloads = recovered.payloads
@@ -78,7 +81,7 @@ def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tupl
             return recovered, len(payloads)
         index, why = failed
         seq = recovered.snapshot_seq + 1 + index
-        manager.reset_state(limits)
+        manager.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             manager.load_snapshot(recovered.snapshot)
         replayed = manager.replay(payloads[:index])
@@ -99,7 +102,7 @@ def rebuild(manager: EmergencyManager, state_dir: Path, *, repair: bool) -> tupl
 
 
 def _first_not_applied(
-    manager: EmergencyManager, payloads: list[dict[str, Any]]
+    manager: RiskEngine, payloads: list[dict[str, Any]]
 ) -> tuple[int, str] | None:
     """The index of the first record ``manager`` cannot apply, and why (None:
     applied one at a time, they all apply, and ``manager`` holds them)."""
@@ -116,7 +119,7 @@ class Store:
 
     def __init__(
         self,
-        manager: EmergencyManager,
+        manager: RiskEngine,
         state_dir: Path,
         *,
         fsync: str = "always",
@@ -124,8 +127,11 @@ class Store:
         snapshot_every: int = 100_000,
         on_failure: Callable[[PersistenceError], None] | None = None,
         on_batch: Callable[[int, float | None], None] | None = None,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.manager = manager
+        #: Milliseconds since the epoch: the time of the records recovery writes.
+        self.clock = clock
         self.state_dir = Path(state_dir)
         self.fsync = fsync
         self.fsync_interval_ms = fsync_interval_ms
@@ -152,7 +158,9 @@ class Store:
         # Emergency and limits changes wait for their records to be durable.
         self.manager.defer_publication()
         manager = self.manager
-        recovered, self.replayed = rebuild(manager, self.state_dir, repair=True)
+        recovered, self.replayed = rebuild(
+            manager, self.state_dir, repair=True, now_ms=self.clock()
+        )
         # Replayed: keep the summary (seqs, damage), not the payloads, which
         # would stay alive as long as the gateway (half a gigabyte for a
         # million records).
@@ -160,19 +168,21 @@ class Store:
         self.recovered = recovered
         self.recovery_seconds = time.perf_counter() - started
         if recovered.fresh:
-            manager.record_initial_state()
+            manager.record_initial_state(self.clock())
         damage = recovered.damage
         if damage is not None:
             reason = f"recovery found damage in {damage.describe()}; state is as of seq " + str(
                 recovered.last_seq
             )
             log.critical("starting halted: %s", reason)
-            manager.force_halt(reason)
-            manager.raise_alert(AlertLevel.CRITICAL, AlertCode.PERSISTENCE_FAILURE, reason)
+            manager.force_halt(reason, self.clock())
+            manager.raise_alert(
+                AlertLevel.CRITICAL, AlertCode.PERSISTENCE_FAILURE, reason, now_ms=self.clock()
+            )
         if recovered.torn_tail is not None:
             log.warning("dropped a torn last record: %s", recovered.torn_tail.describe())
-        manager.release_orphaned_reservations()
-        manager.expire_reservations(manager._now(None))
+        manager.release_orphaned_reservations(self.clock())
+        manager.expire_reservations(self.clock())
         return recovered
 
     async def start(self) -> None:
@@ -205,11 +215,12 @@ class Store:
         # written either, so it is held in memory only.
         self.manager.discard_staged()
         self.manager.defer_publication(False)
-        self.manager.force_halt(f"persistence failure: {error}", durable=False)
+        self.manager.force_halt(f"persistence failure: {error}", self.clock(), durable=False)
         self.manager.raise_alert(
             AlertLevel.CRITICAL,
             AlertCode.PERSISTENCE_FAILURE,
             f"journal write failed, gateway halted: {error}",
+            now_ms=self.clock(),
         )
         # Nothing more can be written: drop what the halt queued for the journal.
         self.manager.drain_records()
@@ -238,7 +249,7 @@ class Store:
                 journal.when_synced(seq, functools.partial(self._staged_synced, rec))
         return seq
 
-    def _staged_synced(self, record: dict[str, Any], error: PersistenceError | None) -> None:
+    def _staged_synced(self, record: Mapping[str, Any], error: PersistenceError | None) -> None:
         """A staged change's record is fsynced (or never will be): publish it."""
         if error is not None:
             return  # the failure discards every staged change (_failed)
@@ -258,7 +269,7 @@ class Store:
         """Flush, fsync, snapshot (unless failed), and release the lock."""
         try:
             if self.journal is not None:
-                if self.manager._records and self.journal.failed is None:
+                if self.manager.has_records() and self.journal.failed is None:
                     self.commit()
                 await self.journal.close(snapshot=snapshot and self.journal.failed is None)
         finally:

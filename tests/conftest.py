@@ -13,7 +13,7 @@ import pytest
 from gateway import server as gateway_server
 from gateway.auth import TokenStore, hash_token
 from gateway.config import GatewayConfig, Limits, PersistenceConfig, ServerConfig, TokenConfig
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.server import Gateway
 from protocol.codes import Role
 from tests.wsclient import TestClient
@@ -67,7 +67,7 @@ class RunningGateway:
         return self.gateway.url
 
     @property
-    def manager(self) -> EmergencyManager:
+    def manager(self) -> RiskEngine:
         return self.gateway.manager
 
     async def client(self, token: str | None = ADMIN, **kwargs: Any) -> TestClient:

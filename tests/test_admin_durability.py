@@ -20,7 +20,7 @@ import pytest
 
 from gateway import journal as journal_module
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.store import Store
 from protocol.codes import Mode
 from tests.conftest import ADMIN, GatewayFactory, RunningGateway
@@ -39,11 +39,11 @@ def hold_fsyncs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return gate
 
 
-def recovered(state_dir: Path, copy: Path) -> EmergencyManager:
+def recovered(state_dir: Path, copy: Path) -> RiskEngine:
     """The state a restart would find if the gateway were killed now."""
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
-    manager = EmergencyManager(limits=Limits())
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, copy)
     store.open()
     return manager

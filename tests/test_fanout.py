@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -21,14 +22,10 @@ from websockets.protocol import State
 
 from gateway import fanout as fanout_module
 from gateway.auth import Principal
+from gateway.core.engine import RiskEngine
+from gateway.core.events import AlertRaised, DecisionMade, Event, ModeChanged
+from gateway.core.limits import Limits
 from gateway.fanout import Fanout, Flusher, Outbox, text_frame
-from gateway.manager import (
-    AlertRaised,
-    DecisionMade,
-    EmergencyChanged,
-    EmergencyManager,
-    Event,
-)
 from protocol.codec import encode_ok
 from protocol.codes import Channel, ErrorCode, Role
 from protocol.errors import ProtocolError
@@ -205,10 +202,10 @@ async def settle() -> None:
 
 
 def make_fanout(
-    manager: EmergencyManager | None = None, clock: Clock | None = None, **kwargs: Any
+    manager: RiskEngine | None = None, clock: Clock | None = None, **kwargs: Any
 ) -> Fanout:
     clock = clock or Clock()
-    manager = manager or EmergencyManager(clock=clock)
+    manager = manager or RiskEngine(limits=Limits(), now_ms=clock.now)
     return Fanout(manager, heartbeat_s=1.0, clock=clock, **kwargs)
 
 
@@ -226,8 +223,8 @@ def subscribe(
     return result
 
 
-def emergency(version: int) -> EmergencyChanged:
-    return EmergencyChanged(
+def emergency(version: int) -> ModeChanged:
+    return ModeChanged(
         {
             "mode": "halted",
             "reason": f"r{version}",
@@ -251,9 +248,11 @@ def seqs(messages: list[dict[str, Any]]) -> list[int]:
     return [m["seq"] for m in messages]
 
 
-def move(manager: EmergencyManager, account: str, qty: int, price: int = 10) -> list[Event]:
+def move(
+    manager: RiskEngine, account: str, qty: int, price: int = 10, now: int = T0
+) -> list[Event]:
     manager.update_position(
-        PositionUpdate(account=account, symbol="X", qty=Decimal(qty), price=Decimal(price))
+        PositionUpdate(account=account, symbol="X", qty=Decimal(qty), price=Decimal(price)), now
     )
     return manager.drain_events()
 
@@ -525,7 +524,7 @@ class ModelClient:
 async def test_random_interleaving_then_no_gap_or_duplicate_after_snapshot(seed: int) -> None:
     rng = random.Random(seed)
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock, buffer_size=16)
     accounts = ["A1", "A2", "A3"]
     roles = [ADMIN, VIEWER, TRADER_A1]
@@ -611,7 +610,7 @@ async def test_random_interleaving_then_no_gap_or_duplicate_after_snapshot(seed:
 
 async def test_exposure_when_changes_inside_window_then_one_push_per_window_with_latest() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock, coalesce_ms=100)
     sub = make_sub()
     fanout.add(sub)  # type: ignore[arg-type]
@@ -641,7 +640,7 @@ async def test_exposure_when_changes_inside_window_then_one_push_per_window_with
 
 async def test_exposure_when_state_already_pushed_then_no_repeat() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock)
     sub = make_sub()
     fanout.add(sub)  # type: ignore[arg-type]
@@ -654,8 +653,10 @@ async def test_exposure_when_state_already_pushed_then_no_repeat() -> None:
 
 
 async def test_exposure_timer_when_started_then_final_state_pushed_at_window_end() -> None:
-    manager = EmergencyManager()
-    fanout = Fanout(manager, heartbeat_s=60, clock=lambda: manager._clock(), coalesce_ms=20)
+    manager = RiskEngine(limits=Limits(), now_ms=T0)
+    fanout = Fanout(
+        manager, heartbeat_s=60, clock=lambda: time.time_ns() // 1_000_000, coalesce_ms=20
+    )
     sub = make_sub()
     fanout.add(sub)  # type: ignore[arg-type]
     subscribe(fanout, sub, Channel.EXPOSURE)
@@ -673,7 +674,7 @@ async def test_exposure_timer_when_started_then_final_state_pushed_at_window_end
 
 async def test_trader_when_exposure_then_only_own_accounts_and_seq_jumps() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock)
     fanout.publish(move(manager, "A2", 4))
     trader, viewer = make_sub(TRADER_A1), make_sub(VIEWER)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.cli import describe_state_dir
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.store import Store
 from protocol.codes import Mode
 from protocol.messages import EmergencySet, OrderValidate, PositionUpdate, PriceUpdate
@@ -130,8 +130,14 @@ async def _run_history(
 ) -> dict[str, object]:
     now = [1_000_000]
     limits = Limits.from_mapping({"max_exposure": "5000", "reservation_ttl_ms": 2000})
-    manager = EmergencyManager(limits=limits, clock=lambda: now[0])
-    store = Store(manager, state_dir, fsync="never", snapshot_every=snapshot_every)
+    manager = RiskEngine(limits=limits, now_ms=now[0])
+    store = Store(
+        manager,
+        state_dir,
+        fsync="never",
+        snapshot_every=snapshot_every,
+        clock=lambda: now[0],
+    )
     store.open()
     await store.start()
     last = 0
@@ -142,7 +148,8 @@ async def _run_history(
             manager.update_position(
                 PositionUpdate(
                     account=account, symbol=symbol, qty=Decimal(qty), price=Decimal(price)
-                )  # type: ignore[arg-type]
+                ),  # type: ignore[arg-type]
+                now[0],
             )
         elif kind == "order":
             _, account, symbol, side, qty, reserve = item
@@ -154,14 +161,19 @@ async def _run_history(
                     qty=Decimal(qty),  # type: ignore[arg-type]
                     price=Decimal(100),
                     reserve=bool(reserve),
-                )
+                ),
+                now[0],
             )
         elif kind == "px":
-            manager.update_price(PriceUpdate(symbol=item[1], price=Decimal(item[2])))  # type: ignore[arg-type]
+            manager.update_price(PriceUpdate(symbol=item[1], price=Decimal(item[2])), now[0])  # type: ignore[arg-type]
         elif kind == "mode":
             mode, account = item[1], item[2]
             reason = "" if mode is Mode.NORMAL else "drill"
-            manager.set_emergency(EmergencySet(mode=mode, reason=reason, account=account), "ops")  # type: ignore[arg-type]
+            manager.set_emergency(
+                EmergencySet(mode=mode, reason=reason, account=account),  # type: ignore[arg-type]
+                "ops",
+                now[0],
+            )
         else:
             now[0] += int(item[1])  # type: ignore[call-overload]
             manager.expire_reservations(now[0])
@@ -175,8 +187,8 @@ async def _run_history(
     # recover from the journal (and any periodic snapshot) as a crash would.
     await store.close(snapshot=False)
     # Restarted with the same configuration, as a real restart would be.
-    recovered_manager = EmergencyManager(limits=limits, clock=lambda: now[0])
-    again = Store(recovered_manager, state_dir, fsync="never")
+    recovered_manager = RiskEngine(limits=limits, now_ms=now[0])
+    again = Store(recovered_manager, state_dir, fsync="never", clock=lambda: now[0])
     again.open()
     got = (recovered_manager.state_view(), recovered_manager.snapshot())
     total, _per_account = recovered_manager.recompute_exposure()

@@ -12,7 +12,7 @@ import pytest
 
 from gateway import journal as journal_module
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.store import Store
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
 
@@ -327,7 +327,7 @@ async def test_cancel_on_disconnect_when_reserved_before_hello_then_released_at_
     copy = tmp_path / "copy"
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
-    recovered = EmergencyManager(limits=Limits())
+    recovered = RiskEngine(limits=Limits(), now_ms=0)
     Store(recovered, copy).open()
     assert recovered.reservations == {}
     # A close: both are released, with an alert.

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.auth import TokenStore, hash_token
 from gateway.config import load_config, with_overrides
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.server import Gateway
 from gateway.store import Store
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
@@ -144,10 +144,10 @@ token_sha256 = "{hash_token("hashed-secret-token")}"
 async def config_gateway(config_file: Path) -> AsyncIterator[Gateway]:
     """An in-process gateway built from a config file, as ``serve`` builds it."""
     config = with_overrides(load_config(config_file), port=0)
-    manager = EmergencyManager(limits=config.limits)
+    manager = RiskEngine(limits=config.limits, now_ms=time.time_ns() // 1_000_000)
     store = Store(manager, config.persistence.state_dir)
     if store.open().fresh:
-        manager.adopt_file_limits(config.limits)
+        manager.adopt_file_limits(config.limits, time.time_ns() // 1_000_000)
     gateway = Gateway(config, tokens=TokenStore(config.tokens), manager=manager, store=store)
     await gateway.start()
     try:

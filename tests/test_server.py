@@ -381,7 +381,9 @@ async def test_pipelined_burst_when_client_reads_then_every_answer_and_no_evicti
             PositionEntry(symbol=f"SYMBOL-{i:05d}", qty=Decimal(1), price=Decimal(1))
             for i in range(1000)
         )
-        manager.snapshot_positions(PositionSnapshot(account=f"ACC{a}", positions=entries))
+        manager.snapshot_positions(
+            PositionSnapshot(account=f"ACC{a}", positions=entries), gw.gateway.clock()
+        )
     gw.gateway._commit()
     gw.gateway._publish()
     ws = await connect(

@@ -18,8 +18,8 @@ import orjson
 import pytest
 
 from gateway.config import Limits
+from gateway.core.engine import RiskEngine
 from gateway.journal import Journal, _snapshot_bytes, recover, snapshot_name
-from gateway.manager import EmergencyManager
 from gateway.store import Store
 from protocol.codes import Mode
 from tests.gwprocess import GatewayProcess, write_config
@@ -42,8 +42,8 @@ async def write_journal(state_dir: Path, records: list[dict[str, Any]]) -> None:
     await journal.close(snapshot=False)
 
 
-def opened(state_dir: Path) -> tuple[EmergencyManager, Any]:
-    manager = EmergencyManager(limits=Limits())
+def opened(state_dir: Path) -> tuple[RiskEngine, Any]:
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, state_dir)
     recovered = store.open()
     return manager, recovered
@@ -77,7 +77,7 @@ async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_i
     tmp_path: Path,
 ) -> None:
     state_dir = tmp_path / "state"
-    manager = EmergencyManager(limits=Limits())
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, state_dir, snapshot_every=3)
     store.open()
     await store.start()
@@ -87,7 +87,8 @@ async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_i
 
     for i in range(1, 8):
         manager.update_position(
-            PositionUpdate(account="A1", symbol=f"S{i}", qty=Decimal(i), price=Decimal(10))
+            PositionUpdate(account="A1", symbol=f"S{i}", qty=Decimal(i), price=Decimal(10)),
+            store.clock(),
         )
         await store.durable(store.commit())
     await store.close(snapshot=False)
