@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from gateway.core.engine import RiskEngine
 from gateway.core.events import AlertRaised, Decision
@@ -42,7 +42,7 @@ def engine(
 
 
 def order(
-    side: str = "buy",
+    side: Literal["buy", "sell"] = "buy",
     qty: str | int = 1,
     price: str | int = 100,
     *,
@@ -54,7 +54,7 @@ def order(
     return OrderValidate(
         account=account,
         symbol=symbol,
-        side=side,  # type: ignore[arg-type]
+        side=side,
         qty=Decimal(qty),
         price=Decimal(price),
         reserve=reserve,
