@@ -26,7 +26,8 @@ from typing import TypedDict
 
 import orjson
 
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
+from gateway.core.limits import Limits
 from gateway.persistence import Journal, Store, recover
 
 USAGE = "usage: python -m gateway.benchtools journal STATE_DIR RECORDS | recover STATE_DIR"
@@ -98,7 +99,7 @@ def journal_bytes(state_dir: Path) -> int:
 
 def time_recovery(state_dir: Path) -> RecoveryTimed:
     """Time ``Store.open()`` of ``state_dir`` in this process (call it in a fresh one)."""
-    manager = EmergencyManager()
+    manager = RiskEngine(limits=Limits(), now_ms=time.time_ns() // 1_000_000)
     store = Store(manager, state_dir, clock=lambda: time.time_ns() // 1_000_000, fsync="never")
     started = time.perf_counter()
     store.open()

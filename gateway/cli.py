@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ from gateway.config import (
     unapplied_changes,
     with_overrides,
 )
-from gateway.manager import EmergencyManager, install_risk_context
+from gateway.core.context import install_risk_context
+from gateway.core.engine import RiskEngine
+from gateway.core.limits import Limits
+from gateway.net.server import Gateway, running_gateway
 from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
-from gateway.net.server import Gateway, running_gateway
 
 log = logging.getLogger("gateway")
 
@@ -243,10 +246,11 @@ def describe_state_dir(state_dir: Path) -> dict[str, Any]:
     report = inspect_state_dir(state_dir)
     report.pop("snapshot_payload", None)
     report.pop("tail_payloads", None)
-    manager = EmergencyManager()
+    now_ms = time.time_ns() // 1_000_000
+    manager = RiskEngine(limits=Limits(), now_ms=now_ms)
     # As a start would rebuild it: a snapshot or record that cannot be applied
     # is damage too (named), never a traceback.
-    recovered, _replayed = rebuild(manager, state_dir, repair=False)
+    recovered, _replayed = rebuild(manager, state_dir, repair=False, now_ms=now_ms)
     if recovered.damage is not None and report.get("damage") is None:
         report["damage"] = recovered.damage.as_dict()
     report["emergency"] = manager.emergency_view()

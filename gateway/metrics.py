@@ -6,6 +6,7 @@ One registry per process; the names are the contract of docs/operations.md.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -16,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from gateway.core.views import ReasonView
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -95,7 +98,7 @@ def count_request(method: str, code: str) -> None:
     _request_counts[(method, code)] += 1
 
 
-def count_validation(decision: str, reasons: list[dict[str, Any]]) -> None:
+def count_validation(decision: str, reasons: Iterable[ReasonView]) -> None:
     """``riskgw_validations_total{decision}`` and each reason's counter += 1."""
     _validation_counts[decision] += 1
     for reason in reasons:

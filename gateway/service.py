@@ -37,9 +37,12 @@ import orjson
 
 from gateway import metrics
 from gateway.auth import Principal, TokenStore
-from gateway.config import GatewayConfig, Limits
+from gateway.config import GatewayConfig
 from gateway.core.engine import RiskEngine
-from gateway.core.events import GATEWAY_ACTOR, ModeChanged
+from gateway.core.events import Decision, ModeChanged
+from gateway.core.limits import Limits
+from gateway.core.modes import GATEWAY_ACTOR
+from gateway.core.records import StagedRecord
 from gateway.fanout import Fanout, Subscriber
 from gateway.persistence import PersistenceError, RecordStore
 from protocol.codes import PROTOCOL_VERSION, AlertCode, AlertLevel, ErrorCode, Role
@@ -221,7 +224,9 @@ class RiskService:
         principal = caller.principal
         if principal is None:
             if method != "session.auth":
-                raise ProtocolError(ErrorCode.UNAUTHENTICATED, "authenticate first with session.auth")
+                raise ProtocolError(
+                    ErrorCode.UNAUTHENTICATED, "authenticate first with session.auth"
+                )
             assert isinstance(request.params, SessionAuth)
             return self._authenticate(caller, request.params)
         self._authorize(principal, method, access, request.params)
@@ -298,7 +303,11 @@ class RiskService:
             # the metrics and the decision push follow, off the client's round
             # trip. Records and pushes keep their order: the next request's
             # are queued after these.
-            return Reply(result, after=lambda: self._validated(caller, params, decision, took))
+
+            def bookkeeping() -> None:
+                self._validated(caller, params, decision, took)
+
+            return Reply(result, after=bookkeeping)
         seq = self._validated(caller, params, decision, took)
         if decision.reservation_id is not None:
             # A repeat of a client_order_id writes no record, but answers with
@@ -309,20 +318,21 @@ class RiskService:
                 return ReplyWhenDurable(seq, result)
         return Reply(result)
 
-    def _validated(self, caller: Caller, params: OrderValidate, decision: Any, took: float) -> int:
+    def _validated(
+        self, caller: Caller, params: OrderValidate, decision: Decision, took: float
+    ) -> int:
         """After a validation: metrics, the journal record(s), the decision
         push. Returns the seq of the last record appended (0: none)."""
         metrics.VALIDATION_LATENCY.observe(took)
-        codes = [reason.code for reason in decision.reasons]
-        metrics.count_validation(decision.decision, codes)
-        if codes and log.isEnabledFor(logging.DEBUG):
+        metrics.count_validation(decision.decision, decision.reasons)
+        if decision.reasons and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "connection %d: order.validate %s %s %s rejected: %s",
                 caller.conn_id,
                 params.account,
                 params.symbol,
                 params.side,
-                ", ".join(codes),
+                ", ".join(reason["code"] for reason in decision.reasons),
             )
         return self.commit_and_publish()
 
@@ -471,7 +481,7 @@ class RiskService:
             await self._stage_durably(record)
             return bool(changed)
 
-    async def _stage_durably(self, record: dict[str, Any]) -> None:
+    async def _stage_durably(self, record: StagedRecord) -> None:
         """Stage an emergency or limits record and return once it is published
         (fsynced first, in every fsync mode); its events are pushed by then.
 

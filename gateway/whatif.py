@@ -25,9 +25,9 @@ from typing import Any
 import orjson
 
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
+from gateway.core.rules import Rule
 from gateway.persistence import read_history
-from gateway.rules import Rule
 from protocol.messages import OrderValidate
 
 
@@ -89,7 +89,7 @@ def what_if(state_dir: Path, limits: Limits, rules: tuple[Rule, ...] = ()) -> Wh
     """Re-run the recorded validations against ``limits``; see the module docstring."""
     snapshot, history = _history(state_dir)
     clock_ms = [0]
-    manager = EmergencyManager(limits=limits, rules=rules, clock=lambda: clock_ms[0])
+    manager = RiskEngine(limits=limits, now_ms=clock_ms[0], rules=rules)
     if snapshot is not None:
         manager.load_snapshot(snapshot)
         manager.use_limits(limits)
@@ -119,10 +119,10 @@ def what_if(state_dir: Path, limits: Limits, rules: tuple[Rule, ...] = ()) -> Wh
         decision = manager.validate(order, clock_ms[0])
         manager.drain_records()
         manager.drain_events()
-        if rec.get("rid") is not None and decision["decision"] == "accept":
+        if rec.get("rid") is not None and decision.accepted:
             # Keep the recorded reservation (and its id) so later releases match.
             manager.replay([rec])
-        if decision["decision"] != rec["d"]:
+        if decision.decision != rec["d"]:
             result.changed.append(
                 Change(
                     seq=seq,
@@ -132,8 +132,8 @@ def what_if(state_dir: Path, limits: Limits, rules: tuple[Rule, ...] = ()) -> Wh
                     qty=rec["q"],
                     price=rec["p"],
                     recorded=rec["d"],
-                    now=decision["decision"],
-                    reasons=[r["code"] for r in decision["reasons"]] or list(rec.get("r", [])),
+                    now=decision.decision,
+                    reasons=[r["code"] for r in decision.reasons] or list(rec.get("r", [])),
                 )
             )
     return result

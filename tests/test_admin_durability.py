@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.persistence import FileOps, Store
 from protocol.codes import Mode
 from tests.conftest import ADMIN, GatewayFactory, RunningGateway
@@ -39,11 +39,11 @@ def hold_fsyncs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return gate
 
 
-def recovered(state_dir: Path, copy: Path) -> EmergencyManager:
+def recovered(state_dir: Path, copy: Path) -> RiskEngine:
     """The state a restart would find if the gateway were killed now."""
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
-    manager = EmergencyManager(limits=Limits())
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, copy, clock=wall_clock_ms)
     store.open()
     return manager

@@ -21,10 +21,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clients.bench import SECTIONS, latency_summary, paired_ratios, percentile
-from gateway import manager as manager_module
-from gateway.manager import EmergencyManager, install_risk_context
+from gateway.core import context as context_module
+from gateway.core.context import install_risk_context
+from gateway.core.engine import RiskEngine
+from gateway.core.limits import Limits
 from protocol.messages import OrderValidate, PositionUpdate
 from protocol.values import RISK_CONTEXT, format_decimal, format_time_ms
+from tests.builders import T0
 from tests.conftest import BIG_PRICE, BIG_QTY, unbounded_limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,40 +193,40 @@ def test_format_time_ms_when_cached_then_same_as_reference(stamps: list[int]) ->
 
 def test_validate_when_32_digit_inputs_under_default_context_then_exposure_is_exact() -> None:
     qty, price, limits = BIG_QTY, BIG_PRICE, unbounded_limits()
-    manager = EmergencyManager(limits=limits, clock=lambda: 1_700_000_000_000)
+    manager = RiskEngine(limits=limits, now_ms=T0)
     caller = decimal.getcontext()
     assert caller.prec == 28  # the host's context: products of 32 digits would round here
-    manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price))
+    manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price), T0)
     order = OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price)
-    decision = manager.validate(order)
-    assert decision["decision"] == "accept"
+    decision = manager.validate(order, T0)
+    assert decision.decision == "accept"
     assert decimal.getcontext() is caller and caller.prec == 28
     with decimal.localcontext(RISK_CONTEXT):
         exact = qty * price
-    assert decision["exposure"]["account"] == format_decimal(exact)
-    assert len(decision["exposure"]["account"].replace(".", "")) > 28
-    assert Decimal(decision["exposure"]["account"]) == exact
+    assert decision.exposure["account"] == format_decimal(exact)
+    assert len(decision.exposure["account"].replace(".", "")) > 28
+    assert Decimal(decision.exposure["account"]) == exact
     # After the order is reserved the worst case is 2 * qty at the mark price.
     reserved = manager.validate(
-        OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price, reserve=True)
+        OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price, reserve=True), T0
     )
     with decimal.localcontext(RISK_CONTEXT):
-        assert Decimal(reserved["exposure"]["account"]) == 2 * qty * price
+        assert Decimal(reserved.exposure["account"]) == 2 * qty * price
     assert manager.recompute_exposure()[0] == manager.gross_exposure
 
 
 def test_validate_when_risk_context_installed_then_exact_and_context_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(manager_module, "_installed", None)  # restored afterwards
+    monkeypatch.setattr(context_module, "_installed", None)  # restored afterwards
     qty, price, limits = BIG_QTY, BIG_PRICE, unbounded_limits()
 
     def in_gateway_process() -> tuple[decimal.Context, decimal.Context, dict[str, Any]]:
         installed = install_risk_context()
-        manager = EmergencyManager(limits=limits, clock=lambda: 1_700_000_000_000)
-        manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price))
+        manager = RiskEngine(limits=limits, now_ms=T0)
+        manager.update_position(PositionUpdate(account="A1", symbol="X", qty=qty, price=price), T0)
         decision = manager.validate(
-            OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price)
+            OrderValidate(account="A1", symbol="X", side="buy", qty=qty, price=price), T0
         )
         return installed, decimal.getcontext(), decision
 
@@ -233,13 +236,13 @@ def test_validate_when_risk_context_installed_then_exact_and_context_kept(
     assert after is installed and installed.prec == RISK_CONTEXT.prec
     assert decimal.Inexact in [t for t, on in installed.traps.items() if on]
     with decimal.localcontext(RISK_CONTEXT):
-        assert Decimal(decision["exposure"]["account"]) == qty * price
+        assert Decimal(decision.exposure["account"]) == qty * price
     assert decimal.getcontext() is caller and caller.prec == 28
 
 
 def test_replay_when_records_applied_then_same_state_as_live() -> None:
     now = [1_700_000_000_000]
-    live = EmergencyManager(clock=lambda: now[0])
+    live = RiskEngine(limits=Limits(), now_ms=now[0])
     for i in range(200):
         now[0] += 7
         live.update_position(
@@ -248,22 +251,25 @@ def test_replay_when_records_applied_then_same_state_as_live() -> None:
                 symbol=f"S{i % 11}",
                 qty=Decimal(i % 9 - 4) / 4,
                 price=Decimal(100 + i),
-            )
+            ),
+            now[0],
         )
     records = live.drain_records()
-    recovered = EmergencyManager(clock=lambda: now[0])
+    recovered = RiskEngine(limits=Limits(), now_ms=now[0])
     assert recovered.replay(records) == len(records)
     assert recovered.state_view()["accounts"] == live.state_view()["accounts"]
     assert recovered.gross_exposure == live.gross_exposure == live.recompute_exposure()[0]
 
 
 def test_manager_entry_point_when_called_then_caller_context_untouched() -> None:
-    manager = EmergencyManager(clock=lambda: int(time.time() * 1000))
+    now_ms = int(time.time() * 1000)
+    manager = RiskEngine(limits=Limits(), now_ms=now_ms)
     with decimal.localcontext() as caller:
         caller.prec = 5
         caller.clear_flags()
         manager.update_position(
-            PositionUpdate(account="A1", symbol="X", qty=Decimal("1.23456789"), price=Decimal(3))
+            PositionUpdate(account="A1", symbol="X", qty=Decimal("1.23456789"), price=Decimal(3)),
+            now_ms,
         )
         assert decimal.getcontext() is caller and caller.prec == 5
         assert not caller.flags[decimal.Inexact]

@@ -36,7 +36,9 @@ async def next_push(stream: PushStream) -> Push:
 
 def raise_alert(gw: RunningGateway, message: str) -> None:
     """Publish one alert at once, without awaiting (so no reconnect can interleave)."""
-    gw.manager.raise_alert(AlertLevel.INFO, AlertCode.LIMITS_CHANGED, message)
+    gw.manager.raise_alert(
+        AlertLevel.INFO, AlertCode.LIMITS_CHANGED, message, now_ms=gw.gateway.clock()
+    )
     gw.gateway.fanout.publish(gw.manager.drain_events())
 
 

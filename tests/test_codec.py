@@ -718,14 +718,16 @@ def test_encode_push_when_event_snapshot_or_heartbeat_then_shapes() -> None:
 
 
 def test_encode_when_manager_results_hold_decimals_then_they_are_strings() -> None:
-    from gateway.manager import EmergencyManager
+    from gateway.core.engine import RiskEngine
+    from gateway.core.limits import Limits
 
-    manager = EmergencyManager({"max_exposure": "1000"}, clock=lambda: 0)
+    limits = Limits.from_mapping({"max_exposure": "1000", "max_account_exposure": "1000"})
+    manager = RiskEngine(limits=limits, now_ms=0)
     update = decode(
         frame("position.update", {"account": "A1", "symbol": "X", "qty": 0.1, "price": "3"})
     ).params
     assert isinstance(update, PositionUpdate)
-    result = orjson.loads(encode_ok(1, manager.update_position(update)))["result"]
+    result = orjson.loads(encode_ok(1, manager.update_position(update, 0)))["result"]
     assert result == {
         "account": "A1",
         "symbol": "X",
@@ -735,7 +737,7 @@ def test_encode_when_manager_results_hold_decimals_then_they_are_strings() -> No
     }
     order = decode(order_with(qty="2", price="3")).params
     assert isinstance(order, OrderValidate)
-    decision = orjson.loads(encode_ok(2, manager.validate(order)))["result"]
+    decision = orjson.loads(encode_ok(2, manager.validate(order, 0).to_wire()))["result"]
     assert decision["exposure"] == {
         "account": "0.3",
         "account_limit": "1000",

@@ -40,7 +40,7 @@ class FailingRiskManager:
 
 
 def gross(manager: EmergencyManager) -> str:
-    return str(manager.state_view()["gross_exposure"])
+    return str(manager.engine.state_view()["gross_exposure"])
 
 
 # ------------------------------------------------------------- in memory
@@ -49,7 +49,7 @@ def gross(manager: EmergencyManager) -> str:
 async def test_validate_new_position_when_within_limit_then_success_and_position_recorded() -> None:
     manager = EmergencyManager({"max_exposure": 1000})
     assert await manager.validate_new_position("BTC-USD", 5, 100) == {"status": "success"}
-    assert manager.state_view()["accounts"]["default"]["positions"] == {
+    assert manager.engine.state_view()["accounts"]["default"]["positions"] == {
         "BTC-USD": {"qty": "5", "price": "100"}
     }
     assert gross(manager) == "500"
@@ -74,7 +74,7 @@ async def test_validate_new_position_when_over_limit_then_error_with_figures_and
 async def test_validate_new_position_when_size_negative_then_sell_counted_gross() -> None:
     manager = EmergencyManager({"max_exposure": 1000})
     assert await manager.validate_new_position("BTC-USD", -5, 100) == {"status": "success"}
-    assert manager.state_view()["accounts"]["default"]["positions"] == {
+    assert manager.engine.state_view()["accounts"]["default"]["positions"] == {
         "BTC-USD": {"qty": "-5", "price": "100"}
     }
     assert gross(manager) == "500"
@@ -94,7 +94,7 @@ async def test_validate_new_position_when_float_size_then_read_exactly() -> None
     manager = EmergencyManager({"max_exposure": "0.3"})
     assert await manager.validate_new_position("X", 0.1, 1) == {"status": "success"}
     assert await manager.validate_new_position("X", 0.2, 1) == {"status": "success"}
-    assert manager.gross_exposure == Decimal("0.3")
+    assert manager.engine.gross_exposure == Decimal("0.3")
     result = await manager.validate_new_position("X", Decimal("0.0001"), 1)
     assert result["code"] == "MAX_EXPOSURE"
 
@@ -117,7 +117,7 @@ async def test_update_state_when_emergency_then_active_and_validations_halted() 
     assert manager.is_emergency_mode_active() is False
     await manager.update_state(True, "exchange outage")
     assert manager.is_emergency_mode_active() is True
-    view = manager.emergency_view()
+    view = manager.engine.emergency_view()
     assert view["mode"] == "halted"
     assert view["reason"] == "exchange outage"
     result = await manager.validate_new_position("BTC-USD", 1, 100)
@@ -135,7 +135,7 @@ async def test_update_state_when_false_then_reopened() -> None:
     await manager.update_state(False, "")
     assert manager.is_emergency_mode_active() is False
     assert await manager.validate_new_position("BTC-USD", 1, 100) == {"status": "success"}
-    assert manager.emergency_view()["version"] == 2
+    assert manager.engine.emergency_view()["version"] == 2
 
 
 async def test_update_state_when_emergency_without_reason_then_value_error() -> None:
@@ -149,8 +149,8 @@ async def test_update_state_when_repeated_then_version_unchanged() -> None:
     manager = EmergencyManager({"max_exposure": 1000})
     await manager.update_state(True, "outage")
     await manager.update_state(True, "another outage")
-    assert manager.emergency_view()["version"] == 1
-    assert manager.emergency_view()["reason"] == "outage"
+    assert manager.engine.emergency_view()["version"] == 1
+    assert manager.engine.emergency_view()["reason"] == "outage"
 
 
 # ------------------------------------------------------------------ race
@@ -195,7 +195,7 @@ async def test_validate_new_position_when_risk_manager_says_no_then_reservation_
     assert result["code"] == "CUSTOM_RULE"
     assert checker.calls == [("BTC-USD", Decimal(6), Decimal(100))]
     assert gross(manager) == "0"
-    assert manager.reservations == {}
+    assert manager.engine.reservations == {}
     checker.verdict = True
     assert await manager.validate_new_position("BTC-USD", 10, 100) == {"status": "success"}
 
@@ -215,7 +215,7 @@ async def test_validate_new_position_when_risk_manager_raises_then_error_and_rel
     with pytest.raises(RuntimeError, match="unreachable"):
         await manager.validate_new_position("BTC-USD", 6, 100)
     assert gross(manager) == "0"
-    assert manager.reservations == {}
+    assert manager.engine.reservations == {}
 
 
 async def test_validate_new_position_when_cancelled_while_checking_then_released() -> None:
@@ -252,11 +252,11 @@ async def test_recover_state_when_halted_before_close_then_still_halted_with_rea
     await second.recover_state()
     try:
         assert second.is_emergency_mode_active() is True
-        view = second.emergency_view()
+        view = second.engine.emergency_view()
         assert view["reason"] == "outage"
         assert view["mode"] == "halted"
         assert view["actor"] == "library"
-        assert second.state_view()["accounts"]["default"]["positions"] == {
+        assert second.engine.state_view()["accounts"]["default"]["positions"] == {
             "BTC-USD": {"qty": "3", "price": "100"}
         }
         assert (await second.validate_new_position("BTC-USD", 1, 100))["code"] == (
@@ -334,7 +334,7 @@ async def test_recover_state_when_journal_middle_record_corrupted_then_starts_ha
     await manager.recover_state()
     try:
         assert manager.is_emergency_mode_active() is True
-        view = manager.emergency_view()
+        view = manager.engine.emergency_view()
         assert view["mode"] == "halted"
         assert view["actor"] == "gateway"
         assert journal.name in view["reason"]
@@ -354,14 +354,14 @@ async def test_recover_state_when_crash_image_intact_then_same_state(tmp_path: P
     live = await write_history(tmp_path / "live")
     try:
         crash_image(tmp_path / "live", tmp_path / "crashed")
-        expected = live.state_view()
+        expected = live.engine.state_view()
     finally:
         await live.close()
     manager = EmergencyManager(state_config(tmp_path / "crashed"))
     async with manager:
         assert manager.is_emergency_mode_active() is False
-        assert manager.state_view()["accounts"] == expected["accounts"]
-        assert manager.emergency_view()["version"] == expected["emergency"]["version"]
+        assert manager.engine.state_view()["accounts"] == expected["accounts"]
+        assert manager.engine.emergency_view()["version"] == expected["emergency"]["version"]
 
 
 async def test_recover_state_when_last_record_torn_then_dropped_and_not_halted_by_damage(
@@ -376,7 +376,7 @@ async def test_recover_state_when_last_record_torn_then_dropped_and_not_halted_b
     journal.write_bytes(journal.read_bytes()[:-3])
     manager = EmergencyManager(state_config(tmp_path / "crashed"))
     async with manager:
-        view = manager.emergency_view()
+        view = manager.engine.emergency_view()
         assert view["mode"] == "halted"
         assert view["reason"] == "first outage"  # the state before the torn record
         assert view["actor"] == "library"

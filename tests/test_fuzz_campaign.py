@@ -33,7 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from protocol import codec
 from protocol.codes import Mode
 from protocol.errors import ProtocolError
@@ -94,12 +94,12 @@ ACCOUNTS = st.sampled_from(["A1", "A2"])
 SYMBOLS = st.sampled_from(["X", "Y", "Z"])
 
 
-def fingerprint(m: EmergencyManager) -> Any:
+def fingerprint(m: RiskEngine) -> Any:
     return (m.snapshot(), m.state_view(), m.limits_view())
 
 
 @st.composite
-def operations(draw: st.DrawFn, m: EmergencyManager) -> Any:
+def operations(draw: st.DrawFn, m: RiskEngine) -> Any:
     kind = draw(st.sampled_from(["pos", "snap", "order", "release", "price", "mode", "limits"]))
     live = sorted(m.reservations)
     if kind == "pos":
@@ -177,9 +177,9 @@ def operations(draw: st.DrawFn, m: EmergencyManager) -> Any:
 def test_manager_when_requests_span_the_accepted_range_then_only_protocol_errors(
     data: st.DataObject,
 ) -> None:
-    m = EmergencyManager(
+    m = RiskEngine(
         limits=Limits.from_mapping({"max_exposure": HUGE, "max_account_exposure": HUGE}),
-        clock=lambda: T0,
+        now_ms=T0,
         max_symbols_per_account=2,
         max_reservations_per_account=3,
     )
@@ -196,10 +196,10 @@ def test_manager_when_requests_span_the_accepted_range_then_only_protocol_errors
         records += m.drain_records()
         m.drain_events()
     # The state survives a snapshot, and the journal's records rebuild it.
-    from_snapshot = EmergencyManager(limits=Limits(), clock=lambda: T0)
+    from_snapshot = RiskEngine(limits=Limits(), now_ms=T0)
     from_snapshot.load_snapshot(orjson.loads(orjson.dumps(m.snapshot(), default=str)))
     assert from_snapshot.state_view() == m.state_view()
-    from_records = EmergencyManager(limits=Limits(), clock=lambda: T0)
+    from_records = RiskEngine(limits=Limits(), now_ms=T0)
     from_records.replay(records)
     assert from_records.state_view() == m.state_view()
 

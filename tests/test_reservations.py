@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.persistence import FileOps, Store
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
 from tests.statedir import wall_clock_ms
@@ -327,7 +327,7 @@ async def test_cancel_on_disconnect_when_reserved_before_hello_then_released_at_
     copy = tmp_path / "copy"
     shutil.copytree(state_dir, copy)
     (copy / "LOCK").unlink()
-    recovered = EmergencyManager(limits=Limits())
+    recovered = RiskEngine(limits=Limits(), now_ms=0)
     Store(recovered, copy, clock=wall_clock_ms).open()
     assert recovered.reservations == {}
     # A close: both are released, with an alert.

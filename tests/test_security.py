@@ -21,15 +21,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.auth import TokenStore, hash_token
 from gateway.config import load_config, with_overrides
-<<<<<<< HEAD
-from gateway.manager import EmergencyManager
-from gateway.persistence import Store
-from gateway.server import Gateway
-=======
 from gateway.net.server import Gateway, running_gateway
->>>>>>> acb8a88 (WIP service)
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
-from tests.statedir import wall_clock_ms
 from tests.wsclient import TestClient
 
 ORDER = {"account": "A1", "symbol": "BTC-USD", "side": "buy", "qty": "2", "price": "50000"}
@@ -148,17 +141,7 @@ token_sha256 = "{hash_token("hashed-secret-token")}"
 async def config_gateway(config_file: Path) -> AsyncIterator[Gateway]:
     """An in-process gateway built from a config file, as ``serve`` builds it."""
     config = with_overrides(load_config(config_file), port=0)
-<<<<<<< HEAD
-    manager = EmergencyManager(limits=config.limits)
-    store = Store(manager, config.persistence.state_dir, clock=wall_clock_ms)
-    if store.open().fresh:
-        manager.adopt_file_limits(config.limits)
-    gateway = Gateway(config, tokens=TokenStore(config.tokens), manager=manager, store=store)
-    await gateway.start()
-    try:
-=======
     async with running_gateway(config, TokenStore(config.tokens)) as gateway:
->>>>>>> acb8a88 (WIP service)
         yield gateway
 
 

@@ -12,11 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-<<<<<<< HEAD
-from gateway import server as gateway_server
-=======
 from gateway.net import session as net_session
->>>>>>> 2d72bfd (WIP service)
 from gateway.net import wsio
 from protocol.messages import PositionEntry, PositionSnapshot
 from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
@@ -104,11 +100,7 @@ async def test_validate_when_subscribed_to_decisions_then_answer_before_its_push
         # about to be written, and drains on the next turn of the loop.
         answer = net_session.Session.answer
 
-<<<<<<< HEAD
-        def answer_while_paused(session: gateway_server.Session, frame: bytes) -> bool:
-=======
         def answer_while_paused(session: net_session.Session, frame: bytes) -> None:
->>>>>>> 2d72bfd (WIP service)
             if b'"decision"' in frame and not wsio.is_write_paused(session.ws):
                 session.ws.pause_writing()
                 asyncio.get_running_loop().call_soon(session.ws.resume_writing)

@@ -1,9 +1,10 @@
 """The code's shape, checked: the rules docs/architecture.md promises a reader.
 
 Each rule is a property of the source that a change can break without any
-behaviour changing at once: an import circle, the pure core reaching for a
-clock, a websockets internal used outside its one adapter, a task started
-outside a TaskGroup, a module or class grown past what a reader can hold.
+behaviour changing at once: an import circle, a task started outside a
+TaskGroup, a module or class grown past what a reader can hold. (The core's
+purity is checked by tests/core/test_purity.py, websockets' internals by
+tests/net/test_wsio.py, clients importing no gateway by tests/test_layers.py.)
 """
 
 from __future__ import annotations
@@ -17,35 +18,6 @@ GATEWAY = ROOT / "gateway"
 
 MAX_MODULE_LINES = 800
 MAX_CLASS_LINES = 400
-
-#: What gateway/core may import besides itself and ``protocol``.
-CORE_ALLOWED = {
-    "__future__",
-    "collections",
-    "dataclasses",
-    "decimal",
-    "enum",
-    "functools",
-    "heapq",
-    "itertools",
-    "math",
-    "operator",
-    "secrets",
-    "typing",
-}
-
-#: websockets' private attributes and the transport: only gateway/net/wsio.py.
-WS_INTERNALS = {
-    "recv_messages",
-    "send_in_progress",
-    "paused",
-    "drain",
-    "transport",
-    "pause_writing",
-    "resume_writing",
-    "get_write_buffer_size",
-}
-WSIO = GATEWAY / "net" / "wsio.py"
 
 
 def modules() -> Iterator[tuple[str, Path, ast.Module]]:
@@ -89,7 +61,7 @@ def test_gateway_has_no_import_circle() -> None:
         path.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                circle = path[path.index(dep) :] + [dep]
+                circle = [*path[path.index(dep) :], dep]
                 raise AssertionError("import circle: " + " -> ".join(circle))
             if dep not in state:
                 visit(dep)
@@ -99,32 +71,6 @@ def test_gateway_has_no_import_circle() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node)
-
-
-def test_core_imports_only_protocol_and_pure_standard_library() -> None:
-    found = []
-    for name, path, tree in modules():
-        if not name.startswith("gateway.core"):
-            continue
-        for dep in imported(name, tree):
-            top = dep.split(".")[0]
-            if dep.startswith(("gateway.core", "protocol")) or top in CORE_ALLOWED:
-                continue
-            if dep.startswith("gateway") and dep.split(".")[1:2] == ["core"]:
-                continue
-            found.append(f"{path.relative_to(ROOT)}: {dep}")
-    assert not found, found
-
-
-def test_websockets_internals_only_in_the_adapter() -> None:
-    found = []
-    for _, path, tree in modules():
-        if path == WSIO:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in WS_INTERNALS:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr}")
-    assert not found, found
 
 
 def _starts_task_outside_a_group(call: ast.Call) -> bool:

@@ -21,7 +21,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from gateway.fanout import Delivery, Flusher, Outbox
-from gateway.server import Session
+from gateway.net.ratelimit import FrameRateLimiter
+from gateway.net.session import Session
 from tests.conftest import ADMIN, VIEWER, GatewayFactory, RunningGateway
 from tests.fanout.builders import FakeWs, patch_wsio
 
@@ -197,7 +198,14 @@ async def test_answer_written_while_transport_paused_then_counted_as_output(
             flusher=Flusher(),
             tasks=tasks,
         )
-        session = Session(conn_id=1, ws=ws, outbox=outbox, peer="127.0.0.1")  # type: ignore[arg-type]
+        session = Session(
+            conn_id=1,
+            ws=ws,  # type: ignore[arg-type]
+            outbox=outbox,
+            peer="127.0.0.1",
+            tasks=tasks,
+            limiter=FrameRateLimiter(100),
+        )
         assert outbox.push(b"x" * 2000, Delivery.ANSWER)  # over the bound at once: watched
         sending = tasks.create_task(session.send(b"y" * 5000))
         for _ in range(12):  # the client takes 500 bytes every 20 ms

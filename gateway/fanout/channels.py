@@ -37,27 +37,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from gateway.auth import Principal
+
+# The engine's events and views: the fan-out's only imports from the core.
+from gateway.core.events import AlertRaised, DecisionMade, Event, ExposureChanged, ModeChanged
+from gateway.core.views import EmergencyView, ExposureView, filter_emergency
 from gateway.fanout.exposure import ExposureCoalescer
 from gateway.fanout.flusher import Flusher
 from gateway.fanout.outbox import Delivery, Outbox
 from gateway.fanout.resume import ChannelLog
-
-# The engine's events and its emergency-document filter: the fan-out's only
-# imports from the engine, kept here so they are re-pointed in one place.
-from gateway.manager import (
-    AlertRaised,
-    DecisionMade,
-    EmergencyChanged,
-    Event,
-    ExposureChanged,
-    filter_emergency,
-)
 from protocol.codec import encode_push
 from protocol.codes import AlertCode, AlertLevel, Channel, ErrorCode, Role
 from protocol.errors import ProtocolError, bad_request
@@ -107,9 +100,9 @@ class RiskReader(Protocol):
     @property
     def limits(self) -> MaxExposure: ...
 
-    def emergency_view(self, readable: Callable[[str], bool] | None) -> dict[str, Any]: ...
+    def emergency_view(self, readable: Callable[[str], bool] | None = None) -> EmergencyView: ...
 
-    def exposure_of(self, account: str) -> dict[str, Any]: ...
+    def exposure_of(self, account: str) -> ExposureView: ...
 
 
 class Subscriber(Protocol):
@@ -164,8 +157,8 @@ class Fanout:
         self._logs = {channel: ChannelLog(channel, buffer_size) for channel in SEQ_CHANNELS}
         self.history = history
         # (alert, audience) of the last ALERT_HISTORY alerts.
-        self._alerts: deque[tuple[dict[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
-        self._decisions: deque[dict[str, Any]] = deque(maxlen=history)
+        self._alerts: deque[tuple[Mapping[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
+        self._decisions: deque[Mapping[str, Any]] = deque(maxlen=history)
         self._members: dict[int, _Member] = {}
         self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
         self._exposure = ExposureCoalescer(coalesce_ms)
@@ -284,7 +277,7 @@ class Fanout:
     def publish(self, events: Iterable[Event]) -> None:
         """Queue the pushes for the engine's events, in order. Never awaits.
 
-        ``EmergencyChanged`` goes to every added connection (never dropped
+        ``ModeChanged`` goes to every added connection (never dropped
         while it is connected), ``AlertRaised`` to ``alerts``,
         ``DecisionMade`` to ``decisions``, ``ExposureChanged`` to ``exposure``
         (coalesced, trader-filtered).
@@ -292,7 +285,7 @@ class Fanout:
         self._depth += 1
         try:
             for event in events:
-                if isinstance(event, EmergencyChanged):
+                if isinstance(event, ModeChanged):
                     self._emit(Channel.EMERGENCY, event.view)
                 elif isinstance(event, AlertRaised):
                     alert = event.alert
@@ -396,7 +389,7 @@ class Fanout:
         for channel in member.live:
             self._live[channel].pop(member.conn_id, None)
 
-    def _emit(self, channel: Channel, data: dict[str, Any], audience: str | None = None) -> None:
+    def _emit(self, channel: Channel, data: Mapping[str, Any], audience: str | None = None) -> None:
         channel_log = self._logs[channel]
         if channel is not Channel.EMERGENCY and not self._live[channel]:
             channel_log.append(data, audience, encode=False)
@@ -435,7 +428,7 @@ class Fanout:
         return True
 
     def _send_snapshot(self, member: _Member, channel: Channel) -> None:
-        data: dict[str, Any]
+        data: Mapping[str, Any]
         delivery = Delivery.CATCH_UP
         if channel is Channel.EMERGENCY:
             data = self.risk.emergency_view(member.principal.readable)
@@ -539,7 +532,7 @@ def _may_see(member: _Member, audience: str) -> bool:
 def _emergency_frame(
     member: _Member,
     seq: int,
-    data: dict[str, Any],
+    data: Mapping[str, Any],
     cache: dict[frozenset[str], bytes] | None = None,
 ) -> bytes:
     """The EMERGENCY push ``data`` as a trader sees it: its own accounts only."""
@@ -547,7 +540,7 @@ def _emergency_frame(
     key = principal.accounts
     if cache is not None and key in cache:
         return cache[key]
-    view = filter_emergency(data, principal.may_read_account)
+    view = filter_emergency(cast(EmergencyView, data), principal.may_read_account)
     wire = encode_push(Channel.EMERGENCY.value, seq, view)
     if cache is not None:
         cache[key] = wire
@@ -555,10 +548,10 @@ def _emergency_frame(
 
 
 def _visible_alerts(
-    alerts: deque[tuple[dict[str, Any], str | None]], member: _Member, history: int
-) -> list[dict[str, Any]]:
+    alerts: deque[tuple[Mapping[str, Any], str | None]], member: _Member, history: int
+) -> list[Mapping[str, Any]]:
     """The last ``history`` of ``alerts`` that ``member`` may see, oldest first."""
-    visible: list[dict[str, Any]] = []
+    visible: list[Mapping[str, Any]] = []
     for alert, audience in reversed(alerts):
         if audience is None or _may_see(member, audience):
             visible.append(alert)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["ExposureCoalescer"]
@@ -22,7 +23,7 @@ class ExposureCoalescer:
     def __init__(self, window_ms: int) -> None:
         self.window_ms = window_ms
         self._sent_ms: dict[str, int] = {}
-        self._sent: dict[str, dict[str, Any]] = {}
+        self._sent: dict[str, Mapping[str, Any]] = {}
         # account -> when its coalesced push is due (ms)
         self._due: dict[str, int] = {}
 
@@ -55,7 +56,7 @@ class ExposureCoalescer:
         """When the last scheduled push is due (ms), None when none is."""
         return max(self._due.values(), default=None)
 
-    def record(self, account: str, data: dict[str, Any], now_ms: int) -> bool:
+    def record(self, account: str, data: Mapping[str, Any], now_ms: int) -> bool:
         """Record a push of ``data`` for ``account`` at ``now_ms``; False (and
         nothing recorded) when the last push already showed exactly that."""
         if self._sent.get(account) == data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -25,7 +26,7 @@ class LoggedEvent:
 
     seq: int
     audience: str | None
-    data: dict[str, Any]
+    data: Mapping[str, Any]
     frame: bytes | None = None
 
 
@@ -40,7 +41,7 @@ class ChannelLog:
         self.seq = 0
         self._events: deque[LoggedEvent] = deque(maxlen=size)
 
-    def append(self, data: dict[str, Any], audience: str | None, *, encode: bool) -> LoggedEvent:
+    def append(self, data: Mapping[str, Any], audience: str | None, *, encode: bool) -> LoggedEvent:
         """Number the next event and keep it; ``encode``: build its frame now."""
         self.seq += 1
         event = LoggedEvent(self.seq, audience, data)

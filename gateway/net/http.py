@@ -43,6 +43,7 @@ class Served(Protocol):
     @property
     def sessions(self) -> Mapping[int, _Connection]: ...
 
+
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent.parent / "clients" / "dashboard"
 # The dashboard's files: path -> (file in DASHBOARD_DIR, content type).
 _DASHBOARD_ASSETS = {

@@ -405,7 +405,9 @@ class Gateway:
                 await session.refuse(
                     codec.peek_id(frame),
                     "?",
-                    ProtocolError(ErrorCode.UNAUTHENTICATED, "authenticate first with session.auth"),
+                    ProtocolError(
+                        ErrorCode.UNAUTHENTICATED, "authenticate first with session.auth"
+                    ),
                 )
                 return
         try:
@@ -478,6 +480,7 @@ def open_gateway(
     """
     engine = RiskEngine(
         limits=config.limits,
+        now_ms=clock(),
         rules=rules,
         max_symbols_per_account=config.server.max_symbols_per_account,
         max_reservations_per_account=config.server.max_reservations_per_account,

@@ -27,6 +27,9 @@ from protocol import codec
 from protocol.codes import ErrorCode
 from protocol.errors import ProtocolError
 
+#: A request's id as the client sent it (echoed in the answer).
+RequestId = int | str | None
+
 log = logging.getLogger("gateway.net")
 
 #: Answers held for one write while a burst of requests is handled, at most.
@@ -83,7 +86,7 @@ class Session:
 
     # ------------------------------------------------------------- outcomes
 
-    async def reply(self, request_id: object, method: str, outcome: Reply) -> None:
+    async def reply(self, request_id: RequestId, method: str, outcome: Reply) -> None:
         """Answer now, then run the outcome's follow-up."""
         self.answer(codec.encode_ok(request_id, outcome.result))
         metrics.count_request(method, "ok")
@@ -95,7 +98,7 @@ class Session:
         await self.drained()
 
     def reply_when_durable(
-        self, store: RecordStore, request_id: object, method: str, outcome: ReplyWhenDurable
+        self, store: RecordStore, request_id: RequestId, method: str, outcome: ReplyWhenDurable
     ) -> None:
         """Answer from the journal's callback once ``outcome.seq`` is durable."""
         result = outcome.result
@@ -115,11 +118,13 @@ class Session:
 
         store.when_durable(outcome.seq, answer)
 
-    def reply_later(self, request_id: object, method: str, outcome: ReplyLater) -> None:
+    def reply_later(self, request_id: RequestId, method: str, outcome: ReplyLater) -> None:
         """Answer from a task of this connection once the result is ready."""
         self.tasks.create_task(self._answer_later(request_id, method, outcome.result))
 
-    async def _answer_later(self, request_id: object, method: str, result: Awaitable[Result]) -> None:
+    async def _answer_later(
+        self, request_id: RequestId, method: str, result: Awaitable[Result]
+    ) -> None:
         try:
             frame = codec.encode_ok(request_id, await result)
             metrics.count_request(method, "ok")
@@ -135,6 +140,6 @@ class Session:
         with contextlib.suppress(ConnectionClosed):
             await self.send(frame)
 
-    async def refuse(self, request_id: object, method: str, error: ProtocolError) -> None:
+    async def refuse(self, request_id: RequestId, method: str, error: ProtocolError) -> None:
         metrics.count_request(method, error.code.value)
         await self.send(codec.encode_error(request_id, error.code, error.message))

@@ -2,13 +2,16 @@
 
 ``PersistenceError`` is a run-time failure (a write, an fsync, a snapshot):
 the journal is failed for good. ``Damage`` is what recovery found unusable
-on disk. ``RecordNotApplied`` is the state machine's verdict on a record or
-snapshot that reads fine but holds something it never writes.
+on disk. ``RecordNotApplied`` (defined with the records' schema, in the core) is the
+state machine's verdict on a record or snapshot that reads fine but holds
+something it never writes: the one thing persistence knows of the records.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from gateway.core.records import RecordNotApplied
 
 __all__ = ["Damage", "PersistenceError", "RecordNotApplied"]
 
@@ -23,16 +26,6 @@ class PersistenceError(Exception):
     halt, answer state-changing requests with ``UNAVAILABLE``, and restart to recover
     from disk.
     """
-
-
-class RecordNotApplied(Exception):
-    """A journal record or snapshot could not be applied (``replay``,
-    ``load_snapshot``): it holds something the state machine never writes. The
-    message says what; the state machine's state is undefined afterwards."""
-
-    def __init__(self, cause: BaseException) -> None:
-        text = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        super().__init__(text if len(text) <= 200 else text[:200] + "...")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,7 +35,7 @@ import functools
 import heapq
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
@@ -516,7 +516,7 @@ class Journal:
 
     # ------------------------------------------------------------------ appending
 
-    def append(self, payload: dict[str, Any]) -> int:
+    def append(self, payload: Mapping[str, Any]) -> int:
         """Queue a record and return its seq; it is not durable until ``durable(seq)`` returns.
 
         Synchronous and O(1). Raises :class:`PersistenceError` if the journal failed

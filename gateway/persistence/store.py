@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +35,7 @@ from gateway.persistence.segments import FsyncPolicy
 from protocol.codes import AlertCode, AlertLevel
 
 if TYPE_CHECKING:
-    from gateway.config import Limits
+    from gateway.core.limits import Limits
 
 __all__ = ["MemoryStore", "RecordStore", "StateMachine", "Store", "rebuild"]
 
@@ -56,7 +56,7 @@ class StateMachine(Protocol):
     @property
     def limits(self) -> Limits: ...
 
-    def reset_state(self, limits: Limits) -> None: ...
+    def reset_state(self, limits: Limits, now_ms: int) -> None: ...
 
     def load_snapshot(self, snap: Mapping[str, Any]) -> None: ...
 
@@ -64,7 +64,7 @@ class StateMachine(Protocol):
 
     def snapshot(self) -> dict[str, Any]: ...
 
-    def drain_records(self) -> list[dict[str, Any]]: ...
+    def drain_records(self) -> Sequence[Mapping[str, Any]]: ...
 
     def defer_publication(self, enabled: bool = True) -> None: ...
 
@@ -87,7 +87,9 @@ class StateMachine(Protocol):
     def expire_reservations(self, now_ms: int) -> None: ...
 
 
-def rebuild(machine: StateMachine, state_dir: Path, *, repair: bool) -> tuple[Recovered, int]:
+def rebuild(
+    machine: StateMachine, state_dir: Path, *, repair: bool, now_ms: int
+) -> tuple[Recovered, int]:
     """Recover ``state_dir`` into ``machine``: the newest snapshot that loads,
     then the journal records after it. Returns the recovery and how many
     records were replayed.
@@ -103,7 +105,7 @@ def rebuild(machine: StateMachine, state_dir: Path, *, repair: bool) -> tuple[Re
     unusable: dict[int, str] = {}
     while True:
         recovered = recover(state_dir, repair=repair, unusable_snapshots=unusable)
-        machine.reset_state(limits)
+        machine.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             try:
                 machine.load_snapshot(recovered.snapshot)
@@ -115,7 +117,7 @@ def rebuild(machine: StateMachine, state_dir: Path, *, repair: bool) -> tuple[Re
         except RecordNotApplied:
             pass
         # Which record: one at a time on a fresh state (only after a failure).
-        machine.reset_state(limits)
+        machine.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             machine.load_snapshot(recovered.snapshot)
         payloads = recovered.payloads
@@ -124,7 +126,7 @@ def rebuild(machine: StateMachine, state_dir: Path, *, repair: bool) -> tuple[Re
             return recovered, len(payloads)
         index, why = failed
         seq = recovered.snapshot_seq + 1 + index
-        machine.reset_state(limits)
+        machine.reset_state(limits, now_ms)
         if recovered.snapshot is not None:
             machine.load_snapshot(recovered.snapshot)
         replayed = machine.replay(payloads[:index])
@@ -250,7 +252,9 @@ class Store:
         machine = self.machine
         # Emergency and limits changes wait for their records to be durable.
         machine.defer_publication()
-        recovered, self.replayed = rebuild(machine, self.state_dir, repair=True)
+        recovered, self.replayed = rebuild(
+            machine, self.state_dir, repair=True, now_ms=self._clock()
+        )
         # Replayed: keep the summary (seqs, damage), not the payloads, which
         # would stay alive as long as the gateway (half a gigabyte for a
         # million records).
@@ -366,7 +370,7 @@ class Store:
                 journal.when_synced(seq, functools.partial(self._staged_synced, rec))
         return seq
 
-    def _staged_synced(self, record: dict[str, Any], error: PersistenceError | None) -> None:
+    def _staged_synced(self, record: Mapping[str, Any], error: PersistenceError | None) -> None:
         """A staged change's record is fsynced (or never will be): publish it."""
         if error is not None:
             return  # the failure discards every staged change (_journal_failed)

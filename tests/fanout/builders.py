@@ -20,8 +20,10 @@ import pytest
 from websockets.exceptions import ConnectionClosedError
 
 from gateway.auth import Principal
+from gateway.core.engine import RiskEngine
+from gateway.core.events import AlertRaised, DecisionMade, Event, ModeChanged
+from gateway.core.limits import Limits
 from gateway.fanout import Delivery, Fanout, Flusher, Outbox, text_frame
-from gateway.manager import AlertRaised, DecisionMade, EmergencyChanged, EmergencyManager, Event
 from gateway.net import wsio
 from protocol.codec import encode_ok
 from protocol.codes import Channel, Role
@@ -227,10 +229,10 @@ async def settle() -> None:
 
 
 def make_fanout(
-    manager: EmergencyManager | None = None, clock: Clock | None = None, **kwargs: Any
+    manager: RiskEngine | None = None, clock: Clock | None = None, **kwargs: Any
 ) -> Fanout:
     clock = clock or Clock()
-    manager = manager or EmergencyManager(clock=clock)
+    manager = manager or RiskEngine(limits=Limits(), now_ms=clock.now)
     return Fanout(manager, heartbeat_s=1.0, clock=clock, **kwargs)
 
 
@@ -248,8 +250,8 @@ def subscribe(
     return result
 
 
-def emergency(version: int) -> EmergencyChanged:
-    return EmergencyChanged(
+def emergency(version: int) -> ModeChanged:
+    return ModeChanged(
         {
             "mode": "halted",
             "reason": f"r{version}",
@@ -273,8 +275,10 @@ def seqs(messages: list[dict[str, Any]]) -> list[int]:
     return [m["seq"] for m in messages]
 
 
-def move(manager: EmergencyManager, account: str, qty: int, price: int = 10) -> list[Event]:
+def move(
+    manager: RiskEngine, account: str, qty: int, price: int = 10, now: int = T0
+) -> list[Event]:
     manager.update_position(
-        PositionUpdate(account=account, symbol="X", qty=Decimal(qty), price=Decimal(price))
+        PositionUpdate(account=account, symbol="X", qty=Decimal(qty), price=Decimal(price)), now
     )
     return manager.drain_events()

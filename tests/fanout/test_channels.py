@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 
+from gateway.core.engine import RiskEngine
+from gateway.core.events import Event
+from gateway.core.limits import Limits
 from gateway.fanout import Delivery, Fanout, text_frame
 from gateway.fanout import flusher as flusher_module
 from gateway.fanout import outbox as outbox_module
-from gateway.manager import EmergencyManager, Event
 from protocol.codec import encode_ok
 from protocol.codes import Channel, ErrorCode, Role
 from protocol.errors import ProtocolError
@@ -298,7 +301,7 @@ class ModelClient:
 async def test_random_interleaving_then_no_gap_or_duplicate_after_snapshot(seed: int) -> None:
     rng = random.Random(seed)
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock, buffer_size=16)
     accounts = ["A1", "A2", "A3"]
     roles = [ADMIN, VIEWER, TRADER_A1]
@@ -381,7 +384,7 @@ async def test_random_interleaving_then_no_gap_or_duplicate_after_snapshot(seed:
 
 async def test_exposure_when_changes_inside_window_then_one_push_per_window_with_latest() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock, coalesce_ms=100)
     sub = make_sub()
     fanout.add(sub)
@@ -411,7 +414,7 @@ async def test_exposure_when_changes_inside_window_then_one_push_per_window_with
 
 async def test_exposure_when_state_already_pushed_then_no_repeat() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock)
     sub = make_sub()
     fanout.add(sub)
@@ -424,8 +427,10 @@ async def test_exposure_when_state_already_pushed_then_no_repeat() -> None:
 
 
 async def test_exposure_timer_when_started_then_final_state_pushed_at_window_end() -> None:
-    manager = EmergencyManager()
-    fanout = Fanout(manager, heartbeat_s=60, clock=lambda: manager._clock(), coalesce_ms=20)
+    manager = RiskEngine(limits=Limits(), now_ms=T0)
+    fanout = Fanout(
+        manager, heartbeat_s=60, clock=lambda: time.time_ns() // 1_000_000, coalesce_ms=20
+    )
     sub = make_sub()
     fanout.add(sub)
     subscribe(fanout, sub, Channel.EXPOSURE)
@@ -444,7 +449,7 @@ async def test_exposure_timer_when_started_then_final_state_pushed_at_window_end
 
 async def test_trader_when_exposure_then_only_own_accounts_and_seq_jumps() -> None:
     clock = Clock()
-    manager = EmergencyManager(clock=clock)
+    manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock)
     fanout.publish(move(manager, "A2", 4))
     trader, viewer = make_sub(TRADER_A1), make_sub(VIEWER)

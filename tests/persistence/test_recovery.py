@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.cli import describe_state_dir
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.persistence import Store
 from protocol.codes import Mode
 from protocol.messages import EmergencySet, OrderValidate, PositionUpdate, PriceUpdate
@@ -137,9 +137,13 @@ async def _run_history_in(
 ) -> dict[str, object]:
     now = [1_000_000]
     limits = Limits.from_mapping({"max_exposure": "5000", "reservation_ttl_ms": 2000})
-    manager = EmergencyManager(limits=limits, clock=lambda: now[0])
+    manager = RiskEngine(limits=limits, now_ms=now[0])
     store = Store(
-        manager, state_dir, clock=lambda: now[0], fsync="never", snapshot_every=snapshot_every
+        manager,
+        state_dir,
+        fsync="never",
+        snapshot_every=snapshot_every,
+        clock=lambda: now[0],
     )
     store.open()
     await store.start(tasks)
@@ -151,7 +155,8 @@ async def _run_history_in(
             manager.update_position(
                 PositionUpdate(
                     account=account, symbol=symbol, qty=Decimal(qty), price=Decimal(price)
-                )  # type: ignore[arg-type]
+                ),  # type: ignore[arg-type]
+                now[0],
             )
         elif kind == "order":
             _, account, symbol, side, qty, reserve = item
@@ -163,14 +168,19 @@ async def _run_history_in(
                     qty=Decimal(qty),  # type: ignore[arg-type]
                     price=Decimal(100),
                     reserve=bool(reserve),
-                )
+                ),
+                now[0],
             )
         elif kind == "px":
-            manager.update_price(PriceUpdate(symbol=item[1], price=Decimal(item[2])))  # type: ignore[arg-type]
+            manager.update_price(PriceUpdate(symbol=item[1], price=Decimal(item[2])), now[0])  # type: ignore[arg-type]
         elif kind == "mode":
             mode, account = item[1], item[2]
             reason = "" if mode is Mode.NORMAL else "drill"
-            manager.set_emergency(EmergencySet(mode=mode, reason=reason, account=account), "ops")  # type: ignore[arg-type]
+            manager.set_emergency(
+                EmergencySet(mode=mode, reason=reason, account=account),  # type: ignore[arg-type]
+                "ops",
+                now[0],
+            )
         else:
             now[0] += int(item[1])  # type: ignore[call-overload]
             manager.expire_reservations(now[0])
@@ -184,8 +194,8 @@ async def _run_history_in(
     # recover from the journal (and any periodic snapshot) as a crash would.
     await store.close(snapshot=False)
     # Restarted with the same configuration, as a real restart would be.
-    recovered_manager = EmergencyManager(limits=limits, clock=lambda: now[0])
-    again = Store(recovered_manager, state_dir, clock=lambda: now[0], fsync="never")
+    recovered_manager = RiskEngine(limits=limits, now_ms=now[0])
+    again = Store(recovered_manager, state_dir, fsync="never", clock=lambda: now[0])
     again.open()
     got = (recovered_manager.state_view(), recovered_manager.snapshot())
     total, _per_account = recovered_manager.recompute_exposure()

@@ -46,7 +46,7 @@ class Tally:
     def __init__(self) -> None:
         self._limits = Limits()
         self._defer = False
-        self.reset_state(self._limits)
+        self.reset_state(self._limits, 0)
         self.alerts: list[tuple[AlertLevel, AlertCode, str, int]] = []
         self.expired_at: list[int] = []
         self.released_at: list[int] = []
@@ -55,8 +55,9 @@ class Tally:
     def limits(self) -> Limits:
         return self._limits
 
-    def reset_state(self, limits: Limits) -> None:
+    def reset_state(self, limits: Limits, now_ms: int) -> None:
         self._limits = limits
+        self.reset_at = now_ms
         self.items: list[int] = []
         self.mode = "normal"
         self.mode_at = 0
@@ -156,6 +157,7 @@ async def test_store_when_opened_fresh_then_every_time_it_hands_over_comes_from_
     assert recovered.fresh
     assert machine.mode_at == T0
     assert machine.released_at == machine.expired_at == [T0]
+    assert machine.reset_at == T0
     assert not store.started and store.last_seq == 0
     await store.start(tasks)
     assert store.started

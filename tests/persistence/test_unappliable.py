@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
 from gateway.persistence import Journal, Store, recover, snapshot_name
 from gateway.persistence.framing import snapshot_bytes
 from protocol.codes import Mode
@@ -44,8 +44,8 @@ async def write_journal(state_dir: Path, records: list[dict[str, Any]]) -> None:
         await journal.close(snapshot=False)
 
 
-def opened(state_dir: Path) -> tuple[EmergencyManager, Any]:
-    manager = EmergencyManager(limits=Limits())
+def opened(state_dir: Path) -> tuple[RiskEngine, Any]:
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, state_dir, clock=wall_clock_ms)
     recovered = store.open()
     return manager, recovered
@@ -79,7 +79,7 @@ async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_i
     tmp_path: Path, tasks: asyncio.TaskGroup
 ) -> None:
     state_dir = tmp_path / "state"
-    manager = EmergencyManager(limits=Limits())
+    manager = RiskEngine(limits=Limits(), now_ms=0)
     store = Store(manager, state_dir, clock=wall_clock_ms, snapshot_every=3)
     store.open()
     await store.start(tasks)
@@ -89,7 +89,8 @@ async def test_snapshot_that_cannot_be_loaded_when_an_older_one_exists_then_it_i
 
     for i in range(1, 8):
         manager.update_position(
-            PositionUpdate(account="A1", symbol=f"S{i}", qty=Decimal(i), price=Decimal(10))
+            PositionUpdate(account="A1", symbol=f"S{i}", qty=Decimal(i), price=Decimal(10)),
+            wall_clock_ms(),
         )
         await store.durable(store.commit())
     await store.close(snapshot=False)

@@ -1,6 +1,6 @@
-"""Properties of ``EmergencyManager`` under random sequences of requests.
+"""Properties of ``RiskEngine`` under random sequences of requests.
 
-A hypothesis state machine drives one manager with a pinned clock through
+A hypothesis state machine drives one engine, the time passed explicitly, through
 position updates and snapshots, price updates, validations with and without
 reservations, releases, disconnects, time passing (expiry), limit changes and
 emergency changes, and checks after every step that:
@@ -8,7 +8,7 @@ emergency changes, and checks after every step that:
 - the cached gross exposure (gateway and per account) equals a recomputation;
 - an accepted order never takes the gateway or its account over a limit (orders
   are priced at the symbol's mark, so the check's figures are the book's);
-- replaying every journal record, or loading a snapshot, into a fresh manager
+- replaying every journal record, or loading a snapshot, into a fresh engine
   reproduces ``state_view()`` exactly.
 """
 
@@ -26,8 +26,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
+from gateway.core.limits import Limits
 from protocol.codes import ErrorCode, Mode
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -38,8 +38,8 @@ from protocol.messages import (
     PositionUpdate,
     PriceUpdate,
 )
+from tests.builders import T0, Clock
 
-T0 = 1_700_000_000_000
 ACCOUNTS = ("A", "B", "C")
 SYMBOLS = ("X", "Y")
 PRICES = tuple(Decimal(p) for p in ("1", "2", "5", "10", "0.5"))
@@ -56,25 +56,15 @@ INITIAL_LIMITS: dict[str, Any] = {
 }
 
 
-class Clock:
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def fresh_manager() -> EmergencyManager:
-    return EmergencyManager(limits=Limits.from_mapping(INITIAL_LIMITS), clock=Clock(T0))
+def fresh_engine() -> RiskEngine:
+    return RiskEngine(limits=Limits.from_mapping(INITIAL_LIMITS), now_ms=T0)
 
 
 class ManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock(T0)
-        self.manager = EmergencyManager(
-            limits=Limits.from_mapping(INITIAL_LIMITS), clock=self.clock
-        )
+        self.manager = RiskEngine(limits=Limits.from_mapping(INITIAL_LIMITS), now_ms=T0)
         self.records: list[dict[str, Any]] = []
         self.accepted = 0
 
@@ -111,7 +101,8 @@ class ManagerMachine(RuleBasedStateMachine):
         if release and own:
             rid = data.draw(st.sampled_from(own))
         result = self.manager.update_position(
-            PositionUpdate(account=account, symbol=symbol, qty=qty, price=price, release=rid)
+            PositionUpdate(account=account, symbol=symbol, qty=qty, price=price, release=rid),
+            self.clock.now,
         )
         assert result["exposure"] == self._state()["accounts"][account]["gross_exposure"]
         if rid is not None:
@@ -133,7 +124,8 @@ class ManagerMachine(RuleBasedStateMachine):
                 positions=tuple(
                     PositionEntry(symbol=s, qty=q, price=p) for s, (q, p) in entries.items()
                 ),
-            )
+            ),
+            self.clock.now,
         )
         positions = self._state()["accounts"][account]["positions"]
         assert set(entries) <= set(positions)
@@ -144,7 +136,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @rule(symbol=st.sampled_from(SYMBOLS), price=st.sampled_from(PRICES))
     def update_price(self, symbol: str, price: Decimal) -> None:
-        self.manager.update_price(PriceUpdate(symbol=symbol, price=price))
+        self.manager.update_price(PriceUpdate(symbol=symbol, price=price), self.clock.now)
         self._drain()
 
     # -------------------------------------------------------- validations
@@ -239,29 +231,29 @@ class ManagerMachine(RuleBasedStateMachine):
         after = self._state()
         after_gw = m.gross_exposure
         after_acct = m.accounts[account].gross
-        assert decision["exposure"]["global"] == after["gross_exposure"]
+        assert decision.exposure["global"] == after["gross_exposure"]
         # An account known only from validations is not shown: its exposure is 0.
         shown = after["accounts"].get(account, {"gross_exposure": "0"})
-        assert decision["exposure"]["account"] == shown["gross_exposure"]
+        assert decision.exposure["account"] == shown["gross_exposure"]
         if retry is not None:
             # An idempotent retry: the same reservation, nothing new held.
-            assert decision["reservation_id"] == retry
+            assert decision.reservation_id == retry
             assert after_gw == before_gw
             return
-        if decision["decision"] != "accept":
-            assert decision["reasons"]
-            assert decision["reservation_id"] is None
+        if decision.decision != "accept":
+            assert decision.reasons
+            assert decision.reservation_id is None
             assert after_gw == before_gw
             return
         self.accepted += 1
         if not reserve:
-            assert decision["reservation_id"] is None
+            assert decision.reservation_id is None
             kept = {a: v for a, v in after["accounts"].items() if a in before["accounts"]}
             assert kept == before["accounts"]
             assert after["emergency"] == before["emergency"]
             assert after_gw == before_gw
             return
-        assert decision["reservation_id"] in m.reservations
+        assert decision.reservation_id in m.reservations
         limits = m.limits
         reduces = (p < 0 and qty + b <= -p) if side == "buy" else (p > 0 and qty + s <= p)
         if reduces:
@@ -282,11 +274,11 @@ class ManagerMachine(RuleBasedStateMachine):
         m = self.manager
         live = sorted(m.reservations)
         if bogus or not live:
-            assert m.release_reservation("R-none") is None
+            assert m.release_reservation("R-none", "released", self.clock.now) is None
         else:
             rid = data.draw(st.sampled_from(live))
             expires = m.reservations[rid].expires_ms
-            released = m.release_reservation(rid)
+            released = m.release_reservation(rid, "released", self.clock.now)
             # Gone either way: released now, or expired just before.
             assert (released is not None) == (expires > self.clock.now)
             assert rid not in m.reservations
@@ -295,7 +287,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(connection=st.sampled_from((1, 2)))
     def disconnect(self, connection: int) -> None:
         m = self.manager
-        m.release_connection(connection)
+        m.release_connection(connection, self.clock.now)
         assert not any(
             r.connection == connection and r.cancel_on_disconnect for r in m.reservations.values()
         )
@@ -328,14 +320,14 @@ class ManagerMachine(RuleBasedStateMachine):
         version = m.limits_version
         if stale:
             try:
-                m.prepare_limits(version - 1, changes, "ops")
+                m.prepare_limits(version - 1, changes, "ops", self.clock.now)
             except ProtocolError as exc:
                 assert exc.code is ErrorCode.CONFLICT
             else:
                 raise AssertionError("a stale version must conflict")
             return
         mode_before = m.mode_of(None)
-        rec = m.prepare_limits(version, changes, "ops")
+        rec = m.prepare_limits(version, changes, "ops", self.clock.now)
         if rec is not None:
             m.apply_record(rec)
             assert m.limits_version == version + 1
@@ -354,6 +346,7 @@ class ManagerMachine(RuleBasedStateMachine):
         view = m.set_emergency(
             EmergencySet(mode=mode, reason="" if mode is Mode.NORMAL else "r", account=account),
             "ops",
+            self.clock.now,
         )
         assert view["version"] == version + (1 if changed else 0)
         assert m.mode_of(account) is mode
@@ -381,20 +374,20 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def replay_reproduces_state(self) -> None:
-        replayed = fresh_manager()
+        replayed = fresh_engine()
         replayed.replay(self.records)
         assert replayed.state_view() == self._state()
         assert replayed.limits_view() == self.manager.limits_view()
 
     @invariant()
     def snapshot_reproduces_state(self) -> None:
-        loaded = fresh_manager()
+        loaded = fresh_engine()
         loaded.load_snapshot(self.manager.snapshot())
         assert loaded.state_view() == self._state()
         assert loaded.gross_exposure == self.manager.gross_exposure
 
 
-def test_manager_when_random_requests_then_exposure_limits_and_recovery_hold() -> None:
+def test_engine_when_random_requests_then_exposure_limits_and_recovery_hold() -> None:
     run_state_machine_as_test(
         ManagerMachine,
         settings=settings(

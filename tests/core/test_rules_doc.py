@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Limits
-from gateway.manager import EmergencyManager
+from gateway.core.engine import RiskEngine
+from gateway.core.events import Decision
+from gateway.core.limits import Limits
 from gateway.rules import load_rules
 from protocol.messages import OrderValidate
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "rules.md"
 
 
 @pytest.fixture
@@ -29,18 +30,18 @@ def desk_rules_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_doc_rule_when_named_like_in_config_then_odd_lots_rejected(desk_rules_module: str) -> None:
     rules = load_rules([desk_rules_module])
-    manager = EmergencyManager(limits=Limits(), rules=rules, clock=lambda: 0)
+    manager = RiskEngine(limits=Limits(), rules=rules, now_ms=0)
 
-    def decide(qty: str) -> dict[str, object]:
+    def decide(qty: str) -> Decision:
         order = OrderValidate(
             account="A1", symbol="X", side="buy", qty=Decimal(qty), price=Decimal(10)
         )
-        return manager.validate(order)
+        return manager.validate(order, 0)
 
-    assert decide("0.002")["decision"] == "accept"
+    assert decide("0.002").decision == "accept"
     odd = decide("0.0015")
-    assert odd["decision"] == "reject"
-    assert odd["reasons"] == [
+    assert odd.decision == "reject"
+    assert odd.to_wire()["reasons"] == [
         {"code": "ODD_LOT", "message": "quantity 0.0015 is not a multiple of 0.001"}
     ]
 
