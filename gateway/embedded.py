@@ -225,6 +225,9 @@ class EmergencyManager:
         """Journal what the engine queued; return once durable (``synced``:
         fsynced, whatever the fsync policy)."""
         await self._recovered()
+        # No fan-out here: the events a gateway would push are dropped, or
+        # they would pile up for the life of the host process.
+        self._engine.drain_events()
         if self._store is None:
             self._engine.drain_records()
         else:
