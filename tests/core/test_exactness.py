@@ -3,7 +3,7 @@
 PROTOCOL section 3: a 32-digit quantity at a 32-digit price beside a position
 of ``0.000000000000000000000000000001`` never rounds and never fails in the
 engine, and a snapshot holding such values loads again. (Over a real
-gateway: tests/test_exactness.py.)
+gateway: tests/e2e/test_exactness.py.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Admission's bookkeeping, on connections that never open a socket.
 
-The rules seen from outside, over real sockets, are in tests/test_connections.py
-and tests/test_fd_limit.py; these tests pin the orderings a real socket can
+The rules seen from outside, over real sockets, are in tests/e2e/test_connections.py
+and tests/e2e/test_fd_limit.py; these tests pin the orderings a real socket can
 only produce by chance.
 """
 

@@ -24,7 +24,7 @@ every acknowledged reservation not released since is still there (its
 
 Run longer than the suite does::
 
-    python -m tests.crash_campaign --rounds 500 --seed 7
+    python -m tests.crash.crash_campaign --rounds 500 --seed 7
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ as Playwright's async API. Without ``/usr/bin/chromium`` (or Playwright) the
 tests are skipped, except when ``CI`` is set: there they fail, since CI must
 run them.
 
-``python -m tests.test_dashboard`` (from the repository root) rebuilds
+``python -m tests.browser.test_dashboard`` (from the repository root) rebuilds
 ``docs/dashboard.png`` from a realistic state; the tests never write it.
 """
 
@@ -57,7 +57,7 @@ CHROMIUM_ARGS = [
 ]
 TOKEN_KEY = "risk-gateway.token"
 TEST_TIMEOUT_S = 45
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 
 expect.set_options(timeout=5000)
 

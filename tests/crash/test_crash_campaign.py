@@ -1,6 +1,6 @@
 """kill -9 campaign in the suite: 40 rounds of a mixed load, 0 acknowledged
-changes lost, 0 versions reused (see ``tests/crash_campaign.py``; run it for
-longer with ``python -m tests.crash_campaign --rounds 500``)."""
+changes lost, 0 versions reused (see ``tests/crash/crash_campaign.py``; run it for
+longer with ``python -m tests.crash.crash_campaign --rounds 500``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash_campaign import run_campaign
+from tests.crash.crash_campaign import run_campaign
 
 pytestmark = pytest.mark.crash
 

@@ -15,7 +15,7 @@ from protocol.codes import Mode
 from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
 from tests.wsclient import TestClient
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "clients" / "examples" / "example.ndjson"
+EXAMPLE = Path(__file__).resolve().parents[2] / "clients" / "examples" / "example.ndjson"
 
 
 @pytest.fixture(autouse=True)

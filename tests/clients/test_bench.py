@@ -30,7 +30,7 @@ from protocol.values import RISK_CONTEXT, format_decimal, format_time_ms
 from tests.builders import T0
 from tests.conftest import BIG_PRICE, BIG_QTY, unbounded_limits
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every figure of the report that must be a positive number, per section.
 POSITIVE: dict[str, tuple[str, ...]] = {

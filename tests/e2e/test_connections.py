@@ -16,7 +16,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection
 
 from tests.conftest import TRADER, GatewayFactory, RunningGateway
-from tests.test_security import refused_status
+from tests.e2e.test_security import refused_status
 from tests.wsclient import TestClient
 
 Raw = tuple[asyncio.StreamReader, asyncio.StreamWriter]
