@@ -383,7 +383,9 @@ async def test_recover_state_when_last_record_torn_then_dropped_and_not_halted_b
         assert gross(manager) == "500"
 
 
-async def test_validate_new_position_when_called_many_times_then_nothing_piles_up_in_memory() -> None:
+async def test_validate_new_position_when_called_many_times_then_nothing_piles_up_in_memory() -> (
+    None
+):
     # The library has no fan-out: the events a gateway would push must not
     # accumulate for the life of the process (a decision event per call).
     manager = EmergencyManager({"max_exposure": 1_000_000})
