@@ -192,7 +192,8 @@ class Staging:
 
     def contains(self, record: object) -> bool:
         """Whether ``record`` (this very object) waits to be published."""
-        return any(rec is record for rec in self._records)
+        # Asked for every record committed; almost always nothing is staged.
+        return bool(self._records) and any(rec is record for rec in self._records)
 
     def pop_first(self, record: object) -> None:
         """Remove ``record``, which must be the oldest (``ValueError`` otherwise)."""
