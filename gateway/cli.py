@@ -25,7 +25,7 @@ from gateway.config import (
 from gateway.core.context import install_risk_context
 from gateway.core.engine import RiskEngine
 from gateway.core.limits import Limits
-from gateway.net.server import Gateway, running_gateway
+from gateway.net.server import CannotListen, Gateway, running_gateway
 from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
 
@@ -145,6 +145,9 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
             except StateDirLocked as exc:
                 print(f"risk-gateway: {exc}", file=sys.stderr)
                 return 1
+            except CannotListen as exc:
+                print(f"risk-gateway: {exc}", file=sys.stderr)
+                return 2
             except (OSError, PersistenceError) as exc:
                 # Read-only, no permission, not a directory, no space: one line, exit 2.
                 print(

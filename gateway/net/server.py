@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -85,6 +86,11 @@ CLOSE_TIMEOUT_S = 2.0
 _SWEEP_S = 0.05
 
 
+class CannotListen(OSError):
+    """The gateway could not bind its address (in use, not permitted, ...);
+    the message names the address and why."""
+
+
 def wall_clock_ms() -> int:
     """The gateway's one clock: Unix time in milliseconds."""
     return time.time_ns() // 1_000_000
@@ -140,8 +146,12 @@ class Gateway:
             tasks = await self._exits.enter_async_context(asyncio.TaskGroup())
             await self._start(tasks)
         except BaseException:
-            await self._exits.aclose()
-            await self.store.close(snapshot=False)
+            # The store first: closing it ends the journal's writer task,
+            # which the TaskGroup would otherwise wait for without end.
+            try:
+                await self.store.close(snapshot=False)
+            finally:
+                await self._exits.aclose()
             raise
         return self
 
@@ -165,7 +175,21 @@ class Gateway:
         log.info(
             "open-file limit %d: at most %d sockets at once", fd_limit, self.admission.fd_budget
         )
-        self._server = await serve(
+        try:
+            self._server = await self._listen()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise CannotListen(
+                f"cannot listen on {server_cfg.host}:{server_cfg.port}: {why}"
+            ) from exc
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        self.fanout.start(tasks)
+        self._sweeper = tasks.create_task(self._sweep(), name="reservation-sweeper")
+
+    async def _listen(self) -> Server:
+        server_cfg = self.config.server
+        return await serve(
             self._handle,
             server_cfg.host,
             server_cfg.port,
@@ -179,10 +203,6 @@ class Gateway:
             server_header=SERVER_NAME,
             logger=_WS_LOG,
         )
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
-        self.fanout.start(tasks)
-        self._sweeper = tasks.create_task(self._sweep(), name="reservation-sweeper")
 
     @property
     def url(self) -> str:
