@@ -166,8 +166,10 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
                     signal.SIGHUP,
                     lambda: reloads.create_task(_reload(gateway, config, overrides)),
                 )
-                await stop.wait()
-                loop.remove_signal_handler(signal.SIGHUP)
+                try:
+                    await stop.wait()
+                finally:
+                    loop.remove_signal_handler(signal.SIGHUP)
             log.info("shutting down")
             await gateway.stop()
     except PersistenceError as exc:

@@ -523,7 +523,14 @@ class RiskService:
     # ------------------------------------------------------ commit, publish
 
     def commit(self) -> int:
-        """Hand the engine's records to the store; the seq to wait on (0: none)."""
+        """Hand the engine's records to the store; the seq to wait on (0: none).
+
+        Once persistence has failed nothing more can be written: the records
+        are dropped (the gateway is halted and refuses writes), so the events
+        that go with them are still published."""
+        if self.store.failed is not None:
+            self.engine.drain_records()
+            return 0
         return self.store.commit()
 
     def commit_and_publish(self) -> int:

@@ -45,11 +45,11 @@ from gateway.net.admission import (
     raise_fd_limit,
 )
 from gateway.net.ratelimit import FrameRateLimiter, Verdict
-from gateway.net.session import Session
+from gateway.net.session import RequestId, Session
 from gateway.persistence import RecordStore, Store
 from gateway.service import (
     SERVER_NAME,
-    Authenticated,
+    Outcome,
     Reply,
     ReplyLater,
     ReplyWhenDurable,
@@ -240,9 +240,13 @@ class Gateway:
                 await self._server.wait_closed()
             await self.fanout.stop()
             self.service.commit()
-            await self.store.close(snapshot=True)
         finally:
-            self._stopped.set()
+            try:
+                # Always: closing the store ends the journal's writer task,
+                # which the gateway's TaskGroup waits for.
+                await self.store.close(snapshot=True)
+            finally:
+                self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` has finished."""
@@ -252,7 +256,10 @@ class Gateway:
         """Expire reservations on time even when no request arrives."""
         while True:
             await asyncio.sleep(_SWEEP_S)
-            self.service.expire(self.clock())
+            try:
+                self.service.expire(self.clock())
+            except Exception:  # a bug here must not take the gateway down
+                log.exception("expiring reservations")
 
     # --------------------------------------------------------- the handshake
 
@@ -452,20 +459,35 @@ class Gateway:
                 request.id, method, ProtocolError(ErrorCode.INTERNAL, "internal error (logged)")
             )
             return
+        try:
+            await self._deliver(session, request.id, method, outcome)
+        except ConnectionClosed:
+            raise
+        except Exception:  # e.g. a result the codec cannot encode: a bug
+            log.exception("internal error answering %s", method)
+            await session.refuse(
+                request.id, method, ProtocolError(ErrorCode.INTERNAL, "internal error (logged)")
+            )
+
+    async def _deliver(
+        self, session: Session, request_id: RequestId, method: str, outcome: Outcome
+    ) -> None:
         if isinstance(outcome, Reply):
-            await session.reply(request.id, method, outcome)
+            await session.reply(request_id, method, outcome)
         elif isinstance(outcome, ReplyWhenDurable):
             # Answered by the journal's callback once durable; keep reading,
             # unless the answers already out wait for the client to read.
-            session.reply_when_durable(self.store, request.id, method, outcome)
+            session.reply_when_durable(self.store, request_id, method, outcome)
             await session.drained()
         elif isinstance(outcome, ReplyLater):
-            session.reply_later(request.id, method, outcome)
+            session.reply_later(request_id, method, outcome)
         else:
-            assert isinstance(outcome, Authenticated)
-            # The answer first, then the emergency snapshot push.
-            await session.reply(request.id, method, Reply(outcome.result))
+            # The answer first, then the registration, which pushes the
+            # emergency snapshot; then wait for the transport, if need be.
+            session.answer(codec.encode_ok(request_id, outcome.result))
+            metrics.count_request(method, "ok")
             self._authenticated(session, outcome.principal)
+            await session.drained()
 
 
 def peer_host(connection: ServerConnection) -> str:

@@ -137,7 +137,9 @@ class Session:
         except Exception:
             log.exception("internal error in %s", method)
             frame = codec.encode_error(request_id, ErrorCode.INTERNAL, "internal error (logged)")
-        with contextlib.suppress(ConnectionClosed):
+        # The connection may be gone by now: nothing to answer, and no error
+        # may reach the connection's TaskGroup (it would cancel the others).
+        with contextlib.suppress(ConnectionClosed, OSError):
             await self.send(frame)
 
     async def refuse(self, request_id: RequestId, method: str, error: ProtocolError) -> None:

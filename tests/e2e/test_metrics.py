@@ -198,6 +198,54 @@ async def test_healthz_when_fsync_fails_then_503_unavailable_halted_and_alert(
         await gw.gateway.stop()
 
 
+async def test_after_a_journal_failure_when_trading_goes_on_then_the_gateway_stays_up_and_pushes(
+    make_gateway: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Halted and refusing writes, the gateway still answers, pushes decisions
+    # and alerts, expires reservations on time and releases a closed
+    # connection's reservations: nothing after the failure may take it down.
+    gw = await make_gateway(limits={"reservation_ttl_ms": 300})
+    admin = await gw.client(ADMIN)
+    await admin.ok("subscribe", {"channels": ["alerts", "decisions"]})
+    trader = await gw.client(TRADER)
+    await trader.ok("session.hello", {"cancel_on_disconnect": True})
+    leaving = await gw.client(TRADER)
+    await leaving.ok("session.hello", {"cancel_on_disconnect": True})
+    expiring = await trader.ok("order.validate", {**ORDER, "reserve": True})
+    held = await leaving.ok("order.validate", {**ORDER, "reserve": True})
+    assert expiring["reservation_id"] and held["reservation_id"]
+
+    def broken_fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", broken_fdatasync)
+    update = {"account": "A1", "symbol": "X", "qty": "1", "price": "10"}
+    assert (await trader.error("position.update", update))["code"] == "UNAVAILABLE"
+    await wait_for_push(admin, "alerts", {"code": "PERSISTENCE_FAILURE"})
+
+    # A request the caller may not make at all is FORBIDDEN, failure or not.
+    viewer = await gw.client(VIEWER)
+    assert (await viewer.error("position.update", update))["code"] == "FORBIDDEN"
+    decision = await trader.ok("order.validate", ORDER)
+    assert decision["decision"] == "reject"
+    pushed = await wait_for_push(admin, "decisions", {"account": "A1", "decision": "reject"})
+    assert [r["code"] for r in pushed["reasons"]] == ["EMERGENCY_HALTED"]
+    await leaving.close()
+    alert = await wait_for_push(admin, "alerts", {"code": "CLIENT_DISCONNECTED"})
+    assert "released 1 reservation" in alert["message"]
+    # The first reservation's expiry comes and goes; the gateway still serves.
+    async with asyncio.timeout(10):
+        while (await admin.ok("state.get"))["accounts"]["A1"]["reserved_exposure"] != "0":
+            await asyncio.sleep(0.05)
+    assert (await trader.ok("ping"))["ts"]
+    status, _, _ = await asyncio.to_thread(http_get, gw.gateway.port, "/healthz")
+    assert status == 503
+    await gw.close_clients()
+    with pytest.raises(PersistenceError):
+        await gw.gateway.stop()
+
+
 # -------------------------------------------------------------------- logs
 
 
