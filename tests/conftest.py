@@ -57,10 +57,21 @@ def token_configs() -> tuple[TokenConfig, ...]:
 class RunningGateway:
     """A started in-process gateway and ways to talk to it."""
 
-    def __init__(self, gateway: Gateway, state_dir: Path) -> None:
+    def __init__(
+        self, gateway: Gateway, state_dir: Path, held: asyncio.Task[None] | None = None
+    ) -> None:
         self.gateway = gateway
         self.state_dir = state_dir
         self.clients: list[TestClient] = []
+        self._held = held
+
+    async def stopped(self) -> None:
+        """Stop the gateway and wait for the task serving it; raise what
+        ended it, if not a clean stop (a gateway that died during a test
+        fails the test)."""
+        await self.gateway.stop()
+        if self._held is not None:
+            await self._held
 
     @property
     def url(self) -> str:
@@ -100,10 +111,13 @@ async def start_gateway(
         limits=Limits.from_mapping(limits or {}),
         tokens=token_configs(),
     )
-    return RunningGateway(await serve_in_task(config, TokenStore(config.tokens)), state_dir)
+    gateway, held = await serve_in_task(config, TokenStore(config.tokens))
+    return RunningGateway(gateway, state_dir, held)
 
 
-async def serve_in_task(config: GatewayConfig, tokens: TokenStore) -> Gateway:
+async def serve_in_task(
+    config: GatewayConfig, tokens: TokenStore
+) -> tuple[Gateway, asyncio.Task[None]]:
     """Start a gateway that runs in a task of its own until ``gateway.stop()``
     (a test's setup and teardown run in different tasks, and the gateway's
     TaskGroup must be entered and left in one)."""
@@ -122,7 +136,7 @@ async def serve_in_task(config: GatewayConfig, tokens: TokenStore) -> Gateway:
     task = asyncio.create_task(hold(), name="test-gateway")
     _HELD.add(task)
     task.add_done_callback(_HELD.discard)
-    return await started
+    return await started, task
 
 
 #: The tasks serving the tests' gateways (kept referenced while they run).
@@ -143,7 +157,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     yield factory
     for gw in running:
         await gw.close_clients()
-        await gw.gateway.stop()
+        await gw.stopped()
 
 
 @pytest.fixture

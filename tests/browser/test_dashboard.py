@@ -114,7 +114,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
     yield factory
     for gw in running:
         await gw.close_clients()
-        await gw.gateway.stop()
+        await gw.stopped()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -559,7 +559,7 @@ async def make_screenshot(path: Path = SCREENSHOT) -> None:
                     await browser.close()
         finally:
             await gw.close_clients()
-            await gw.gateway.stop()
+            await gw.stopped()
 
 
 async def _stage(gw: RunningGateway) -> None:
