@@ -178,13 +178,19 @@ async def stream_positions(trader: TestClient, ledger: Ledger, rng: random.Rando
             ledger.acknowledged += 1
 
     tasks: set[asyncio.Task[None]] = set()
+
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a kill closes the connection: expected, and seen here
+
     try:
         with contextlib.suppress(Exception):
             while True:
                 while len(tasks) < 16:
                     task = asyncio.create_task(one())
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(done)
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in list(tasks):
