@@ -19,6 +19,8 @@ import orjson
 from protocol.codes import Channel, ErrorCode, Mode
 from protocol.errors import ProtocolError, bad_request
 from protocol.messages import (
+    ClusterForget,
+    ClusterGet,
     EmergencyGet,
     EmergencySet,
     LimitsGet,
@@ -119,7 +121,7 @@ def _session_hello(m: str, raw: object) -> SessionHello:
 
 
 def _no_params(
-    cls: type[Ping] | type[EmergencyGet] | type[LimitsGet],
+    cls: type[Ping] | type[EmergencyGet] | type[LimitsGet] | type[ClusterGet],
 ) -> Callable[[str, object], Params]:
     def parse(m: str, raw: object) -> Params:
         _params(m, raw, (), ())
@@ -289,6 +291,11 @@ def _subscribe(m: str, raw: object) -> Subscribe:
     return Subscribe(channels=channels, resume=resume)
 
 
+def _cluster_forget(m: str, raw: object) -> ClusterForget:
+    p = _params(m, raw, ("name",), ("name",))
+    return ClusterForget(name=parse_name(p["name"], "params.name"))
+
+
 def _unsubscribe(m: str, raw: object) -> Unsubscribe:
     p = _params(m, raw, ("channels",), ("channels",))
     return Unsubscribe(channels=_channels(p["channels"], "params.channels"))
@@ -310,6 +317,8 @@ PARSERS: dict[str, Callable[[str, object], Params]] = {
     "limits.set": _limits_set,
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
+    "cluster.get": _no_params(ClusterGet),
+    "cluster.forget": _cluster_forget,
 }
 METHODS = frozenset(PARSERS)
 
@@ -689,8 +698,15 @@ def encode_ok(request_id: RequestId | None, result: Mapping[str, Any]) -> bytes:
         return orjson.dumps({"id": _wide_id(request_id), "status": "ok", "result": result})
 
 
-def encode_error(request_id: RequestId | None, code: ErrorCode, message: str) -> bytes:
-    error = {"code": code.value, "message": message}
+def encode_error(
+    request_id: RequestId | None,
+    code: ErrorCode,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+) -> bytes:
+    error: dict[str, Any] = {"code": code.value, "message": message}
+    if details:
+        error.update(details)
     try:
         return orjson.dumps({"id": request_id, "status": "error", "error": error})
     except orjson.JSONEncodeError:

@@ -118,6 +118,16 @@ class Unsubscribe:
     channels: tuple[Channel, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterGet:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterForget:
+    name: str
+
+
 Params = (
     SessionAuth
     | SessionHello
@@ -134,6 +144,8 @@ Params = (
     | LimitsSet
     | Subscribe
     | Unsubscribe
+    | ClusterGet
+    | ClusterForget
 )
 
 

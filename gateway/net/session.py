@@ -130,7 +130,7 @@ class Session:
             metrics.count_request(method, "ok")
         except ProtocolError as exc:
             metrics.count_request(method, exc.code.value)
-            frame = codec.encode_error(request_id, exc.code, exc.message)
+            frame = codec.encode_error(request_id, exc.code, exc.message, exc.details)
         except PersistenceError as exc:
             metrics.count_request(method, ErrorCode.UNAVAILABLE.value)
             frame = codec.encode_error(request_id, ErrorCode.UNAVAILABLE, unavailable_message(exc))
@@ -144,4 +144,4 @@ class Session:
 
     async def refuse(self, request_id: RequestId, method: str, error: ProtocolError) -> None:
         metrics.count_request(method, error.code.value)
-        await self.send(codec.encode_error(request_id, error.code, error.message))
+        await self.send(codec.encode_error(request_id, error.code, error.message, error.details))
