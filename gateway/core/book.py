@@ -80,6 +80,7 @@ class Book:
         "_warning_levels",
         "accounts",
         "deferred",
+        "elsewhere",
         "gateway_breached",
         "gateway_warned",
         "gross_exposure",
@@ -89,6 +90,8 @@ class Book:
     def __init__(self) -> None:
         self.accounts: dict[str, AccountBook] = {}
         self.gross_exposure = ZERO
+        #: What other engines sharing max_exposure last published (0: alone).
+        self.elsewhere = ZERO
         self.reference_prices: dict[str, Decimal] = {}
         self.gateway_breached = False
         self.gateway_warned = False
@@ -248,6 +251,12 @@ class Book:
             per_account[name] = total
         return sum(per_account.values(), ZERO), per_account
 
+    @property
+    def global_gross(self) -> Decimal:
+        """The gateway-wide gross exposure: this engine's, plus what other
+        engines sharing the limit last published."""
+        return self.gross_exposure + self.elsewhere
+
     def crossings(self, account: str | None, limits: Limits) -> list[Crossing]:
         """The EXPOSURE_WARNING / EXPOSURE_BREACH alerts due for ``account``
         (None: every account) and the gateway: each raised once on crossing,
@@ -288,7 +297,7 @@ class Book:
             book.breached = over
             book.warned = near
         limit = limits.max_exposure
-        gross = self.gross_exposure
+        gross = self.global_gross
         over = gross > limit
         near = gross >= warning[2]
         if over and not self.gateway_breached:

@@ -130,6 +130,108 @@ class Controls:
         wire = new.to_wire()
         return {"t": "lim", "v": current_version + 1, "limits": wire, "by": actor, "at": now_ms}
 
+    # ------------------------------------------- documents shared with others
+
+    def modes_document(self, change: EmergencyRecord | None = None) -> dict[str, Any]:
+        """Every scope's mode as the journal will say once every staged change
+        (and ``change``) is published: ``{"version", "gateway": MODE,
+        "accounts": {account: MODE}}``, each MODE ``{"m", "r", "by", "at"}``
+        (accounts in ``normal`` left out). What engines sharing their modes
+        exchange; ``converge_modes`` reads it."""
+        state = self._state
+        modes = state.modes
+        gateway = _mode_doc(
+            modes.gateway.mode.value,
+            modes.gateway.reason,
+            modes.gateway.actor,
+            modes.gateway.since_ms,
+        )
+        accounts = {
+            a: _mode_doc(m.mode.value, m.reason, m.actor, m.since_ms)
+            for a, m in modes.accounts.items()
+        }
+        version = modes.version
+        staged = list(state.staging.emergencies())
+        if change is not None:
+            staged.append(change)
+        for rec in staged:
+            doc = _mode_doc(rec["m"], rec["r"], rec["by"], rec["at"])
+            if rec["a"] is None:
+                gateway = doc
+            elif rec["m"] == Mode.NORMAL.value:
+                accounts.pop(rec["a"], None)
+            else:
+                accounts[rec["a"]] = doc
+            version = max(version, rec["v"])
+        return {"version": version, "gateway": gateway, "accounts": dict(sorted(accounts.items()))}
+
+    def converge_modes(self, document: Mapping[str, Any]) -> list[EmergencyRecord]:
+        """The ``emg`` records (each of the document's version) that bring the
+        modes to ``document`` (a ``modes_document``): one per scope whose
+        mode, reason or actor differs; none when the document's version is
+        not above the intended one."""
+        version = document["version"]
+        state = self._state
+        if version <= state.staging.next_version("emg", state.modes.version) - 1:
+            return []
+        current = self.modes_document()
+        records: list[EmergencyRecord] = []
+        wanted, have = document["gateway"], current["gateway"]
+        if _differs(wanted, have):
+            records.append(_record_of(None, wanted, version))
+        accounts_now: Mapping[str, Any] = current["accounts"]
+        accounts_wanted: Mapping[str, Any] = document["accounts"]
+        for account in sorted(set(accounts_now) | set(accounts_wanted)):
+            want = accounts_wanted.get(account)
+            have = accounts_now.get(account)
+            if want is None:
+                assert have is not None
+                records.append(
+                    emergency_record(
+                        account, Mode.NORMAL.value, "", wanted["by"], wanted["at"], version
+                    )
+                )
+            elif have is None or _differs(want, have):
+                records.append(_record_of(account, want, version))
+        if not records:
+            # Same modes under a newer version: the version still moves.
+            records.append(_record_of(None, wanted, version))
+        return records
+
+    def limits_document(self, change: LimitsRecord | None = None) -> dict[str, Any]:
+        """The limits as the journal will say (with ``change``): ``{"version",
+        "limits", "by", "at"}``, what engines sharing their limits exchange."""
+        if change is not None:
+            return {
+                "version": change["v"],
+                "limits": change["limits"],
+                "by": change["by"],
+                "at": change["at"],
+            }
+        version, limits, _file = self._intended_limits()
+        return {"version": version, "limits": limits.to_wire(), "by": "", "at": 0}
+
+    def converge_limits(
+        self, document: Mapping[str, Any], *, same_version: bool = False
+    ) -> LimitsRecord | None:
+        """The ``lim`` record that brings the limits to ``document`` (a
+        ``limits_document``), or None when its version is not above the
+        intended one (with ``same_version``: also when equal, if the limits
+        differ). Raises ``ConfigError`` naming the key of a bad value."""
+        version, limits, _file = self._intended_limits()
+        new = Limits.from_mapping(document["limits"], where="shared limits")
+        if document["version"] < version or (
+            document["version"] == version and (not same_version or new == limits)
+        ):
+            return None
+        return {
+            "t": "lim",
+            "v": document["version"],
+            "limits": new.to_wire(),
+            "by": document["by"],
+            "at": document["at"],
+        }
+
     def adopt_file_limits(self, limits: Limits, now_ms: int) -> None:
         """First start on a fresh state directory: the config file's limits are
         version 1, recorded without an alert (nothing changed)."""
@@ -143,3 +245,20 @@ class Controls:
         finally:
             state.replaying = False
         state.records.append(rec)
+
+
+def _mode_doc(mode: str, reason: str, actor: str, at_ms: int) -> dict[str, Any]:
+    return {"m": mode, "r": reason, "by": actor, "at": at_ms}
+
+
+def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    return (want["m"], want["r"], want["by"], want["at"]) != (
+        have["m"],
+        have["r"],
+        have["by"],
+        have["at"],
+    )
+
+
+def _record_of(account: str | None, mode: Mapping[str, Any], version: int) -> EmergencyRecord:
+    return emergency_record(account, mode["m"], mode["r"], mode["by"], mode["at"], version)

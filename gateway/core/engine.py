@@ -41,6 +41,7 @@ from gateway.core.records import (
 )
 from gateway.core.reservations import Reservation, random_reservation_id
 from gateway.core.rules import DEFAULT_RULES, Rule
+from gateway.core.sharing import Sharing
 from gateway.core.state import RiskState
 from gateway.core.trading import Trading
 from gateway.core.views import (
@@ -100,12 +101,11 @@ class RiskEngine:
             max_symbols_per_account,
             max_reservations_per_account,
         )
+        self.sharing = Sharing(state, self._controls, self._trading)
 
     def reset_state(self, limits: Limits, now_ms: int) -> None:
-        """Forget every state (positions, reservations, modes, limits, queued
-        records and events): as constructed at ``now_ms``, with ``limits`` as
-        version 1. Recovery starts over with it when what it read cannot be
-        applied."""
+        """Forget every state: as constructed at ``now_ms`` with ``limits`` as
+        version 1 (recovery starts over when what it read cannot be applied)."""
         self._state.reset(limits, now_ms)
 
     # ------------------------------------------------------------ reads
@@ -145,8 +145,13 @@ class RiskEngine:
 
     @property
     def gross_exposure(self) -> Decimal:
-        """The gateway's gross exposure, reservations included."""
+        """This engine's gross exposure, reservations included."""
         return self._state.book.gross_exposure
+
+    @property
+    def global_exposure(self) -> Decimal:
+        """``gross_exposure`` plus what engines sharing the limit published."""
+        return self._state.book.global_gross
 
     def use_limits(self, limits: Limits) -> None:
         """Validate against ``limits`` from now on, without a record, a version
@@ -157,8 +162,7 @@ class RiskEngine:
         return limits_view(self._state.in_force.version, self._state.in_force.limits)
 
     def emergency_view(self, readable: Callable[[str], bool] | None = None) -> EmergencyView:
-        """The EMERGENCY object (cached until the next change). ``readable``:
-        which accounts the reader may see; ``accounts`` then lists only those."""
+        """The EMERGENCY object; with ``readable``, only the accounts it allows."""
         view = self._state.emergency_view()
         return view if readable is None else filter_emergency(view, readable)
 
@@ -167,8 +171,7 @@ class RiskEngine:
         return self._state.modes.mode_of(account)
 
     def enforced_mode(self, account: str | None) -> Mode:
-        """The mode validations enforce: the published one, or a staged change
-        that ``gateway.core.modes`` enforces before it is durable."""
+        """The mode validations enforce (``gateway.core.modes``: maybe staged)."""
         modes = self._state.modes
         if account is None:
             return modes.enforced_gateway
@@ -204,7 +207,7 @@ class RiskEngine:
         state = self._state
         book = state.book.accounts.get(account)
         gross = ZERO if book is None else book.gross
-        return exposure_view(account, gross, state.book.gross_exposure, state.in_force.texts)
+        return exposure_view(account, gross, state.book.global_gross, state.in_force.texts)
 
     @exact
     def recompute_exposure(self) -> tuple[Decimal, dict[str, Decimal]]:

@@ -14,6 +14,8 @@ type names its keys. Record types:
 ``emg``    an emergency mode change (``a`` None: gateway-wide)
 ``lim``    a limits change (``file``: the config file's limits it came from)
 ``cod``    cancel-on-disconnect set or cleared for live reservations
+``crd``    the share of a shared max_exposure granted to this engine (a
+           cluster member's credit: ``u`` units of ``CREDIT_UNIT``, ``seq``)
 ``boot``   written by earlier versions; applies as nothing
 
 Reading a record back is the engine's ``apply_record`` and ``replay``: a
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
-RECORD_TYPES: Final = frozenset({"pos", "psnap", "px", "dec", "rel", "emg", "lim", "cod", "boot"})
+RECORD_TYPES: Final = frozenset(
+    {"pos", "psnap", "px", "dec", "rel", "emg", "lim", "cod", "crd", "boot"}
+)
 #: Record types published only once durable (see ``gateway.core.modes``).
 STAGED_TYPES: Final = frozenset({"emg", "lim"})
 
@@ -77,6 +81,13 @@ class DecisionRecord(TypedDict):
     cod: NotRequired[bool]
 
 
+class CreditRecord(TypedDict):
+    t: Literal["crd"]
+    #: Credit units (integers; see ``gateway.cluster.ledger``).
+    u: int
+    seq: int
+
+
 class ReleaseRecord(TypedDict):
     t: Literal["rel"]
     id: str
@@ -120,6 +131,7 @@ Record = (
     | EmergencyRecord
     | LimitsRecord
     | CancelOnDisconnectRecord
+    | CreditRecord
 )
 StagedRecord = EmergencyRecord | LimitsRecord
 

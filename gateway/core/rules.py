@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from gateway.core.limits import EffectiveLimits, Limits
+from gateway.core.share import LimitShare
 from protocol.codes import Mode, Reason
 from protocol.values import format_decimal as fmt
 
@@ -46,6 +47,7 @@ class OrderCheck:
     reference_price: Decimal | None
     orders_last_second: int  # validations of this account in the last second, this one included
     stale: bool
+    share: LimitShare | None = None  # set when max_exposure is shared with other engines
 
 
 RuleResult = tuple[str, str] | None
@@ -82,6 +84,17 @@ def reduce_only(c: OrderCheck) -> RuleResult:
 
 
 def max_exposure(c: OrderCheck) -> RuleResult:
+    share = c.share
+    if share is not None:
+        if not c.reduces and c.gateway_exposure_after > share.allowance:
+            return (
+                Reason.MAX_EXPOSURE,
+                f"gross exposure on member {share.name} would be "
+                f"{fmt(c.gateway_exposure_after)}, its credit {fmt(share.allowance)}; "
+                f"cluster gross exposure would be {fmt(c.gateway_exposure_after + share.elsewhere)}"
+                f", limit {fmt(c.limits.max_exposure)}",
+            )
+        return None
     if not c.reduces and c.gateway_exposure_after > c.limits.max_exposure:
         return (
             Reason.MAX_EXPOSURE,
@@ -167,6 +180,17 @@ def stale_positions(c: OrderCheck) -> RuleResult:
     return None
 
 
+def shared_state(c: OrderCheck) -> RuleResult:
+    share = c.share
+    if share is None:
+        return None
+    if share.unavailable is not None:
+        return Reason.CLUSTER_UNAVAILABLE, share.unavailable
+    if share.adding_blocked is not None and not c.reduces:
+        return Reason.CLUSTER_UNAVAILABLE, share.adding_blocked
+    return None
+
+
 DEFAULT_RULES: tuple[Rule, ...] = (
     emergency_halted,
     account_halted,
@@ -180,4 +204,5 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     restricted_symbol,
     rate_limited,
     stale_positions,
+    shared_state,
 )

@@ -22,6 +22,7 @@ from gateway.core.events import AlertRaised, Decision, Event, ExposureChanged, M
 from gateway.core.limits import Limits, LimitsInForce
 from gateway.core.modes import GATEWAY_ACTOR, Modes, ModeState, Staging, alert_level
 from gateway.core.records import (
+    CreditRecord,
     EmergencyRecord,
     LimitsRecord,
     Record,
@@ -34,6 +35,7 @@ from gateway.core.reservations import (
     accepted_reservation,
     decision_from_snapshot,
 )
+from gateway.core.share import LimitShare
 from gateway.core.views import EmergencyView, alert_view, emergency_view
 from protocol.codes import AlertCode, AlertLevel, Mode
 from protocol.values import format_decimal as fmt
@@ -47,6 +49,7 @@ class RiskState:
     __slots__ = (
         "book",
         "committed",
+        "credit",
         "deferred",
         "events",
         "in_force",
@@ -54,6 +57,7 @@ class RiskState:
         "records",
         "replaying",
         "reservations",
+        "share",
         "staging",
         "view",
     )
@@ -61,6 +65,8 @@ class RiskState:
     def __init__(self, limits: Limits, now_ms: int) -> None:
         #: Staged changes wait for ``publish``; else they apply at once.
         self.deferred = False
+        #: Set when max_exposure is shared with other engines (kept by a reset).
+        self.share: LimitShare | None = None
         self.reset(limits, now_ms)
 
     def reset(self, limits: Limits, now_ms: int) -> None:
@@ -78,6 +84,9 @@ class RiskState:
         #: Applying a record that is already in the journal: no record.
         self.committed = False
         self.view: EmergencyView | None = None  # the EMERGENCY document, cached
+        #: The last ``crd`` record: the share of a shared limit this engine
+        #: was granted (``gateway.core.share``), None when it never was.
+        self.credit: CreditRecord | None = None
 
     # ----------------------------------------------------------- outputs
 
@@ -102,7 +111,7 @@ class RiskState:
     def emergency_view(self) -> EmergencyView:
         view = self.view
         if view is None:
-            view = self.view = emergency_view(self.modes)
+            view = self.view = emergency_view(self.modes, self.share)
         return view
 
     # ------------------------------------------------------------ records
@@ -120,6 +129,9 @@ class RiskState:
             self.record(cast(Record, dict(rec)))
         elif kind == "dec":
             self.apply_decision(rec)
+        elif kind == "crd":
+            self.credit = cast(CreditRecord, dict(rec))
+            self.record(self.credit)
         elif kind == "rel":
             res = self.reservations.live.get(rec["id"])
             if res is not None:
@@ -294,7 +306,11 @@ class RiskState:
             and limits.auto_reduce_on_breach
             and self.modes.enforced_gateway is Mode.NORMAL
         ):
-            gross, limit = fmt(self.book.gross_exposure), fmt(limits.max_exposure)
+            gross, limit = fmt(self.book.global_gross), fmt(limits.max_exposure)
+            if self.share is not None:
+                # The gateway-wide mode is shared: its owner sets it.
+                self.share.breach = f"cluster gross exposure {gross} over max_exposure {limit}"
+                return
             self.stage(
                 emergency_record(
                     None,
@@ -371,6 +387,7 @@ class RiskState:
             "accounts": self.book.snapshot_accounts(),
             "prices": dict(self.book.reference_prices),
             "reservations": [r.to_snapshot() for r in self.reservations.live.values()],
+            "credit": None if self.credit is None else dict(self.credit),
             # Staged changes: in the journal up to the snapshot's seq (or about
             # to be), not yet published. Loading the snapshot publishes them,
             # so a snapshot taken while one waits for its fsync still holds it.
@@ -391,6 +408,8 @@ class RiskState:
         modes.version = emergency["version"]
         self.view = None
         self.book.load(snap["accounts"], snap["prices"])
+        credit = snap.get("credit")
+        self.credit = None if credit is None else cast(CreditRecord, dict(credit))
         self.reservations.clear()
         self.replaying = True
         try:

@@ -10,6 +10,7 @@ methods.
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Literal
 
 from gateway.core.book import AccountBook
@@ -299,6 +300,7 @@ class Trading:
             reference_price=reference,
             orders_last_second=len(recent),
             stale=book.stale,
+            share=state.share,
         )
         reasons: list[ReasonView] = []
         for rule in self._rules:
@@ -366,12 +368,37 @@ class Trading:
             state.events.append(DecisionMade(push))
         return Decision(wire)
 
+    def exposure_after(self, order: OrderValidate) -> Decimal | None:
+        """This engine's gross exposure if ``order`` were accepted (its worst
+        side valued at its price, as ``validate`` counts it), or None when
+        it strictly reduces (no exposure limit applies to it). Changes nothing."""
+        state = self._state
+        ledger = state.book
+        book = ledger.accounts.get(order.account)
+        sym = None if book is None else book.positions.get(order.symbol)
+        if sym is None:
+            p = b = s = worst_now = ZERO
+        else:
+            p, b, s = sym.qty, sym.reserved_buy, sym.reserved_sell
+            worst_now = sym.worst()
+        qty = order.qty
+        if order.side == "buy":
+            long_side, short_side = abs(p + b + qty), abs(p - s)
+            reduces = p < 0 and qty + b <= -p
+        else:
+            long_side, short_side = abs(p + b), abs(p - s - qty)
+            reduces = p > 0 and qty + s <= p
+        if reduces:
+            return None
+        worst_after = long_side if long_side >= short_side else short_side
+        return ledger.gross_exposure + (worst_after - worst_now) * order.price
+
     def _exposure_summary(self, book: AccountBook) -> ExposureSummary:
         texts = self._state.in_force.texts
         return {
             "account": fmt(book.gross),
             "account_limit": texts[0],
-            "global": fmt(self._state.book.gross_exposure),
+            "global": fmt(self._state.book.global_gross),
             "global_limit": texts[1],
         }
 

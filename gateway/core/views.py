@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.core.book import AccountBook
     from gateway.core.limits import Limits
     from gateway.core.modes import Modes, ModeState
+    from gateway.core.share import LimitShare
 
 
 class ModeView(TypedDict):
@@ -33,6 +34,13 @@ class EmergencyView(ModeView):
 
     version: int
     accounts: dict[str, ModeView]
+    #: In a cluster: whether this member reaches the shared state.
+    cluster: NotRequired[ClusterReach]
+
+
+class ClusterReach(TypedDict):
+    reachable: bool
+    since: str | None
 
 
 class LimitsView(TypedDict):
@@ -152,10 +160,11 @@ def mode_view(state: ModeState) -> ModeView:
     }
 
 
-def emergency_view(modes: Modes) -> EmergencyView:
-    """The whole EMERGENCY document of ``modes``."""
+def emergency_view(modes: Modes, share: LimitShare | None = None) -> EmergencyView:
+    """The whole EMERGENCY document of ``modes`` (with ``share``: whether the
+    shared state is reachable)."""
     gateway = modes.gateway
-    return {
+    view: EmergencyView = {
         "mode": gateway.mode.value,
         "reason": gateway.reason,
         "actor": gateway.actor,
@@ -163,6 +172,13 @@ def emergency_view(modes: Modes) -> EmergencyView:
         "version": modes.version,
         "accounts": {a: mode_view(s) for a, s in sorted(modes.accounts.items())},
     }
+    if share is not None:
+        since = share.unreachable_since_ms
+        view["cluster"] = {
+            "reachable": share.reachable,
+            "since": None if share.reachable or since is None else format_time_ms(since),
+        }
+    return view
 
 
 def filter_emergency(view: EmergencyView, readable: Callable[[str], bool]) -> EmergencyView:

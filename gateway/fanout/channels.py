@@ -95,7 +95,7 @@ class RiskReader(Protocol):
     def accounts(self) -> Collection[str]: ...
 
     @property
-    def gross_exposure(self) -> Decimal: ...
+    def global_exposure(self) -> Decimal: ...
 
     @property
     def limits(self) -> MaxExposure: ...
@@ -569,7 +569,7 @@ def _exposure_snapshot(risk: RiskReader, member: _Member) -> dict[str, Any]:
         accounts = sorted(member.principal.accounts)
     return {
         "accounts": {account: risk.exposure_of(account) for account in accounts},
-        "global": format_decimal(risk.gross_exposure),
+        "global": format_decimal(risk.global_exposure),
         "global_limit": format_decimal(risk.limits.max_exposure),
     }
 
