@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.auth import TokenStore, ensure_default_tokens
+from gateway.cluster.member import ClusterStartError
 from gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -145,6 +146,9 @@ async def _serve(config: GatewayConfig, rules: tuple[Rule, ...], overrides: dict
             except StateDirLocked as exc:
                 print(f"risk-gateway: {exc}", file=sys.stderr)
                 return 1
+            except ClusterStartError as exc:
+                print(f"risk-gateway: {exc}", file=sys.stderr)
+                return 2
             except CannotListen as exc:
                 print(f"risk-gateway: {exc}", file=sys.stderr)
                 return 2
@@ -231,7 +235,7 @@ async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, 
     for key in unapplied_changes(config, fresh):
         log.warning("SIGHUP: %s changed in %s; not applied until a restart", key, config.source)
     try:
-        if await gateway.service.reload_limits(fresh.limits, actor="config"):
+        if await gateway.service.admin.reload_limits(fresh.limits, actor="config"):
             log.warning("SIGHUP: limits from %s applied", config.source)
         else:
             log.info("SIGHUP: limits unchanged")

@@ -25,6 +25,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
@@ -43,8 +44,11 @@ from gateway.core.limits import (
     _table,
 )
 from protocol.codes import Role
+from protocol.errors import ProtocolError
+from protocol.values import ZERO, parse_decimal
 
 __all__ = [
+    "ClusterConfig",
     "ConfigError",
     "EffectiveLimits",
     "FsyncPolicy",
@@ -128,6 +132,27 @@ class TokenConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """``[cluster]`` (protocol section 10): this gateway is one member of a
+    cluster sharing one Redis. Absent: a single gateway."""
+
+    redis_url: str
+    #: This member's name, unique in the cluster (it prefixes reservation ids).
+    name: str
+    #: The accounts this member owns.
+    accounts: tuple[str, ...]
+    #: How clients reach this member (named in ``WRONG_GATEWAY`` and ``cluster.get``).
+    public_url: str
+    #: S: past this long without an answer from Redis the member fences itself.
+    max_staleness_ms: int = 75
+    #: Local credit headroom as fractions of ``max_exposure``.
+    credit_low: Decimal = Decimal("0.05")
+    credit_high: Decimal = Decimal("0.10")
+    #: How long one call to Redis may take before it counts as unanswered.
+    redis_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """The whole configuration. ``source`` is the file it came from, if any."""
 
@@ -138,6 +163,7 @@ class GatewayConfig:
     #: Extra pre-trade checks, each ``"package.module:callable"``. Only the shape
     #: is checked here; importing them is the rule chain's job.
     rules: tuple[str, ...] = ()
+    cluster: ClusterConfig | None = None
     source: Path | None = None
 
 
@@ -197,6 +223,8 @@ def unapplied_changes(running: GatewayConfig, fresh: GatewayConfig) -> list[str]
         keys.append("tokens")
     if running.rules != fresh.rules:
         keys.append("rules")
+    if running.cluster != fresh.cluster:
+        keys.append("cluster")
     return keys
 
 
@@ -232,7 +260,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
 
-_TOP_KEYS: Final = frozenset({"server", "persistence", "limits", "tokens", "rules"})
+_TOP_KEYS: Final = frozenset({"server", "persistence", "limits", "tokens", "rules", "cluster"})
 
 
 def _parse_gateway(data: Mapping[str, Any], *, source: Path) -> GatewayConfig:
@@ -243,6 +271,7 @@ def _parse_gateway(data: Mapping[str, Any], *, source: Path) -> GatewayConfig:
         limits=Limits.from_mapping(data.get("limits", {}), where="limits"),
         tokens=_parse_tokens(data.get("tokens", []), "tokens", allow_plain=True),
         rules=_parse_rules(data.get("rules", []), "rules"),
+        cluster=None if "cluster" not in data else _parse_cluster(data["cluster"], "cluster"),
         source=source,
     )
 
@@ -317,6 +346,78 @@ def _parse_persistence(value: object, where: str) -> PersistenceConfig:
         else:  # "fsync_interval_ms", "snapshot_every"
             values[key] = _int(item, key_where, minimum=1)
     return PersistenceConfig(**values)
+
+
+_CLUSTER_KEYS: Final = frozenset(
+    {
+        "redis_url",
+        "name",
+        "accounts",
+        "public_url",
+        "max_staleness_ms",
+        "credit_low",
+        "credit_high",
+        "redis_timeout_ms",
+    }
+)
+_MEMBER_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def _parse_cluster(value: object, where: str) -> ClusterConfig:
+    table = _table(value, where)
+    _reject_unknown(table, _CLUSTER_KEYS, where)
+    for key in ("redis_url", "name", "accounts", "public_url"):
+        if key not in table:
+            raise ConfigError(f"{_key(where, key)}: missing (required in [cluster])")
+    redis_url = table["redis_url"]
+    if not isinstance(redis_url, str) or not redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise _expected(
+            _key(where, "redis_url"), 'a Redis URL like "redis://127.0.0.1:6379/0"', redis_url
+        )
+    name = table["name"]
+    if not isinstance(name, str) or _MEMBER_NAME_RE.fullmatch(name) is None:
+        raise _expected(_key(where, "name"), "1 to 32 characters of A-Z a-z 0-9 . _ -", name)
+    public_url = table["public_url"]
+    if not isinstance(public_url, str) or not public_url.startswith(("ws://", "wss://")):
+        raise _expected(
+            _key(where, "public_url"), 'a WebSocket URL like "ws://10.0.0.1:8765/v1/ws"', public_url
+        )
+    accounts_where = _key(where, "accounts")
+    accounts: list[str] = []
+    for index, account in enumerate(_array(table["accounts"], accounts_where)):
+        item = _name(account, f"{accounts_where}[{index}]", "an account")
+        if item in accounts:
+            raise ConfigError(f"{accounts_where}[{index}]: account {item} is listed twice")
+        accounts.append(item)
+    values: dict[str, Any] = {}
+    for key in ("max_staleness_ms", "redis_timeout_ms"):
+        if key in table:
+            values[key] = _int(table[key], _key(where, key), minimum=1, maximum=600_000)
+    for key in ("credit_low", "credit_high"):
+        if key in table:
+            item = table[key]
+            try:
+                fraction = parse_decimal(item, _key(where, key))
+            except ProtocolError:
+                fraction = None
+            if fraction is None or not (ZERO <= fraction <= 1):
+                raise _expected(_key(where, key), 'a decimal string from "0" to "1"', item)
+            values[key] = fraction
+    cluster = ClusterConfig(
+        redis_url=redis_url,
+        name=name,
+        accounts=tuple(accounts),
+        public_url=public_url,
+        **values,
+    )
+    if cluster.credit_low > cluster.credit_high:
+        raise ConfigError(
+            f"{_key(where, 'credit_low')}: {cluster.credit_low} is above credit_high "
+            f"{cluster.credit_high}"
+        )
+    return cluster
 
 
 _TOKEN_KEYS: Final = frozenset({"name", "role", "accounts", "token", "token_sha256"})

@@ -25,29 +25,30 @@ delivers. The service never touches a socket.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import Enum
 from typing import Any, Protocol
 
-import orjson
-
 from gateway import metrics
+from gateway.admin import AdminChanges
 from gateway.auth import Principal, TokenStore
+from gateway.cluster.member import ClusterMember
+from gateway.cluster.shared import SharedStateError
 from gateway.config import GatewayConfig
 from gateway.core.engine import RiskEngine
 from gateway.core.events import Decision, ModeChanged
-from gateway.core.limits import Limits
 from gateway.core.modes import GATEWAY_ACTOR
-from gateway.core.records import StagedRecord
 from gateway.fanout import Fanout, Subscriber
 from gateway.persistence import PersistenceError, RecordStore
 from protocol.codes import PROTOCOL_VERSION, AlertCode, AlertLevel, ErrorCode, Role
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    ClusterForget,
+    ClusterGet,
     EmergencySet,
     LimitsSet,
     OrderValidate,
@@ -165,6 +166,8 @@ ACCESS: dict[str, Access] = {
     "state.get": Access(),
     "subscribe": Access(),
     "unsubscribe": Access(),
+    "cluster.get": Access(),
+    "cluster.forget": Access(roles=frozenset({Role.ADMIN})),
 }
 
 
@@ -202,10 +205,27 @@ class RiskService:
         self.fanout = fanout
         self.clock = clock
         self.epoch = clock()
-        self._admin_lock = asyncio.Lock()
+        #: Emergency and limits changes (``gateway.admin``).
+        self.admin = AdminChanges(
+            engine=engine,
+            store=store,
+            fanout=fanout,
+            clock=clock,
+            commit=self.commit,
+            publish=self.publish,
+        )
         store.on_failure = self._persistence_failed(store.on_failure)
         # A staged emergency or limits change is pushed once published.
         store.on_published = self.publish
+
+    @property
+    def cluster(self) -> ClusterMember | None:
+        """This gateway as a member of a cluster (section 10), once joined."""
+        return self.admin.cluster
+
+    @cluster.setter
+    def cluster(self, member: ClusterMember | None) -> None:
+        self.admin.cluster = member
 
     # ---------------------------------------------------------------- requests
 
@@ -231,6 +251,9 @@ class RiskService:
             return self._authenticate(caller, request.params)
         self._authorize(principal, method, access, request.params)
         params = request.params
+        member = self.cluster
+        if member is not None:
+            self._require_owned(member, params)
         if isinstance(params, OrderValidate):
             return self._validate(caller, params, now_ms)
         if isinstance(params, PositionUpdate | PositionSnapshot | PriceUpdate):
@@ -240,9 +263,9 @@ class RiskService:
         if isinstance(params, SessionHello):
             return self._hello(caller, principal, params, now_ms)
         if isinstance(params, EmergencySet):
-            return ReplyLater(self.set_emergency(params, principal.name))
+            return ReplyLater(self.admin.set_emergency(params, principal.name))
         if isinstance(params, LimitsSet):
-            return ReplyLater(self.set_limits(params, principal.name))
+            return ReplyLater(self.admin.set_limits(params, principal.name))
         if isinstance(params, StateGet):
             return Reply(self._state(principal, params, now_ms))
         if isinstance(params, Subscribe):
@@ -250,6 +273,8 @@ class RiskService:
             return Reply(result, after=lambda: self.fanout.deliver_subscription(caller))
         if isinstance(params, Unsubscribe):
             return Reply(self.fanout.unsubscribe(caller, params))
+        if isinstance(params, ClusterGet | ClusterForget):
+            return self._cluster(principal, params)
         if isinstance(params, SessionAuth):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this connection is already authenticated")
         if method == "ping":
@@ -274,6 +299,27 @@ class RiskService:
         if access.writes or (isinstance(params, OrderValidate) and params.reserve):
             self.require_writable()
 
+    @staticmethod
+    def _require_owned(member: ClusterMember, params: object) -> None:
+        """WRONG_GATEWAY, naming the owner, for another member's account."""
+        error = None
+        account = getattr(params, "account", None)
+        if isinstance(params, OrderValidate | PositionUpdate | PositionSnapshot | StateGet):
+            if account is not None:
+                error = member.directory.owner_error(account)
+        elif isinstance(params, ReservationRelease):
+            error = member.directory.reservation_owner_error(params.reservation_id)
+        if error is not None:
+            raise error
+
+    def _cluster(self, principal: Principal, params: ClusterGet | ClusterForget) -> Outcome:
+        member = self.cluster
+        if member is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "this gateway is not a member of a cluster")
+        if isinstance(params, ClusterForget):
+            return ReplyLater(member.directory.forget(params.name))
+        return Reply(member.directory.view(with_figures=principal.role is not Role.TRADER))
+
     def require_writable(self) -> None:
         """Raise UNAVAILABLE once persistence has failed (state changes refused)."""
         failed = self.store.failed
@@ -289,6 +335,42 @@ class RiskService:
         return Authenticated(found, found.to_wire())
 
     def _validate(self, caller: Caller, params: OrderValidate, now_ms: int) -> Outcome:
+        member = self.cluster
+        if member is not None:
+            member.check_fence()
+            share = member.share
+            if (
+                share.unavailable is None
+                and self.engine.gross_exposure + params.qty * params.price > share.allowance
+            ):
+                # Near the credit: only an order that does not fit waits for more.
+                exposure_after = self.engine.sharing.exposure_after(params)
+                if member.needs_credit(exposure_after):
+                    assert exposure_after is not None
+                    return ReplyLater(self._validate_with_credit(caller, params, exposure_after))
+        return self._validate_now(caller, params, now_ms)
+
+    async def _validate_with_credit(
+        self, caller: Caller, params: OrderValidate, exposure_after: Decimal
+    ) -> Result:
+        """An order that does not fit this member's credit: borrow, then
+        decide (the check itself is as synchronous as ever)."""
+        member = self.cluster
+        assert member is not None
+        try:
+            await member.credit.borrow(exposure_after)
+        except SharedStateError as error:
+            log.info("credit for %s %s not borrowed: %s", params.account, params.symbol, error)
+        outcome = self._validate_now(caller, params, self.clock())
+        if isinstance(outcome, ReplyWhenDurable):
+            await self.store.durable(outcome.seq)
+            return outcome.result
+        assert isinstance(outcome, Reply)
+        if outcome.after is not None:
+            outcome.after()
+        return outcome.result
+
+    def _validate_now(self, caller: Caller, params: OrderValidate, now_ms: int) -> Outcome:
         started = time.perf_counter()
         decision = self.engine.validate(
             params,
@@ -347,7 +429,10 @@ class RiskService:
             result = engine.snapshot_positions(params, now_ms)
         else:
             result = engine.update_price(params, now_ms)
-        return self._after_write(result)
+        outcome = self._after_write(result)
+        if self.cluster is not None:
+            self.cluster.after_update()
+        return outcome
 
     def _release(self, principal: Principal, params: ReservationRelease, now_ms: int) -> Outcome:
         engine = self.engine
@@ -397,104 +482,6 @@ class RiskService:
         if not principal.reads_every_account:
             return engine.state_view(principal.accounts, principal.readable)
         return engine.state_view()
-
-    # ------------------------------------------------------- admin changes
-
-    async def set_emergency(self, params: EmergencySet, actor: str) -> Result:
-        """Durable before the response and the push, in every fsync mode.
-
-        Towards safety the change is enforced at once, so validations stop
-        before the fsync; away from safety it applies only once durable, so a
-        crash can never leave the gateway more open than what was
-        acknowledged (the engine's mode table decides). Either way the
-        EMERGENCY document, its version and the push change only once the
-        record is durable. The answer follows the push: it means "everyone
-        connected was told", and a script changing modes in a loop is paced
-        by the fan-out it causes.
-
-        Raises ``PersistenceError`` when the change cannot be made durable.
-        """
-        engine = self.engine
-        async with self._admin_lock:
-            record = engine.prepare_emergency(params, actor, self.clock())
-            if record is None:
-                return engine.emergency_view()
-            log.warning(
-                "emergency change by %s: %s %s -> %s (%s), version %d",
-                actor,
-                "gateway" if params.account is None else f"account {params.account}",
-                engine.mode_of(params.account).value,
-                params.mode.value,
-                params.reason,
-                record["v"],
-            )
-            await self._stage_durably(record)
-            view = engine.emergency_view()
-            await self.fanout.flusher.barrier()
-            return view
-
-    async def set_limits(self, params: LimitsSet, actor: str) -> Result:
-        """Like ``set_emergency``: answered once durable and published."""
-        engine = self.engine
-        async with self._admin_lock:
-            record = engine.prepare_limits(params.version, params.limits, actor, self.clock())
-            if record is None:
-                return engine.limits_view()
-            current = engine.limits.to_wire()
-            log.warning(
-                "limits change by %s to version %d: %s",
-                actor,
-                record["v"],
-                ", ".join(
-                    f"{key} {_show_limit(current.get(key))} -> {_show_limit(value)}"
-                    for key, value in record["limits"].items()
-                    if current.get(key) != value
-                ),
-            )
-            await self._stage_durably(record)
-            return engine.limits_view()
-
-    async def reload_limits(self, limits: Limits, actor: str = "config") -> bool:
-        """Apply the config file's [limits] (SIGHUP, or a start with an edited
-        file): only the keys the file changed since it was last applied, each
-        logged with its old and new value. True when a value changed.
-
-        Raises ``PersistenceError`` when the change cannot be made durable.
-        """
-        engine = self.engine
-        async with self._admin_lock:
-            record, changed = engine.prepare_file_limits(limits, actor, self.clock())
-            if record is None:
-                return False
-            if changed:
-                log.warning(
-                    "limits change by %s to version %d: %s",
-                    actor,
-                    record["v"],
-                    ", ".join(
-                        f"{key} {_show_limit(old)} -> {_show_limit(new)}"
-                        for key, old, new in changed
-                    ),
-                )
-            else:
-                log.info("limits from the config file: no value changes (version %d)", record["v"])
-            await self._stage_durably(record)
-            return bool(changed)
-
-    async def _stage_durably(self, record: StagedRecord) -> None:
-        """Stage an emergency or limits record and return once it is published
-        (fsynced first, in every fsync mode); its events are pushed by then.
-
-        Raises ``PersistenceError`` when it cannot be made durable; then
-        nothing is staged.
-        """
-        failed = self.store.failed
-        if failed is not None:
-            raise PersistenceError(str(failed))
-        self.engine.stage(record)
-        seq = self.commit()
-        await self.store.synced(seq)
-        self.publish()
 
     # ------------------------------------------------ connections and time
 
@@ -570,10 +557,3 @@ class RiskService:
                 then(error)
 
         return failed
-
-
-def _show_limit(value: object) -> str:
-    """A limit's value for the log: decimals and numbers as they are, the rest as JSON."""
-    if isinstance(value, str | int):
-        return str(value)
-    return orjson.dumps(value).decode()

@@ -20,6 +20,7 @@ from websockets.http11 import Response as HttpResponse
 
 from gateway import metrics
 from gateway.auth import Principal
+from gateway.cluster.member import ClusterMember
 from gateway.core.engine import RiskEngine
 from gateway.fanout import Fanout
 from gateway.persistence import RecordStore
@@ -42,6 +43,8 @@ class Served(Protocol):
     def fanout(self) -> Fanout: ...
     @property
     def sessions(self) -> Mapping[int, _Connection]: ...
+    @property
+    def member(self) -> ClusterMember | None: ...
 
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent.parent / "clients" / "dashboard"
@@ -93,13 +96,24 @@ async def respond(gateway: Served, connection: ServerConnection, path: str) -> H
 
 
 def healthz(gateway: Served) -> HttpResponse:
-    """200 with the gateway's mode; 503 once persistence has failed."""
+    """200 with the gateway's mode; 503 once persistence has failed, or, in
+    a cluster, while the member is fenced."""
     mode = gateway.engine.gateway_mode.mode.value
     failed = gateway.store.failed
+    member = gateway.member
+    cluster = None if member is None else member.health()
+    body: dict[str, Any]
     if failed is not None:
         body = {"status": "failing", "mode": mode, "reason": f"persistence failure: {failed}"}
-        return json_response(http.HTTPStatus.SERVICE_UNAVAILABLE, body)
-    return json_response(http.HTTPStatus.OK, {"status": "ok", "mode": mode})
+    elif cluster is not None and not cluster["reachable"]:
+        reason = member.share.unavailable if member is not None else None
+        body = {"status": "failing", "mode": mode, "reason": reason}
+    else:
+        body = {"status": "ok", "mode": mode}
+    if cluster is not None:
+        body["cluster"] = cluster
+    status = http.HTTPStatus.OK if body["status"] == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE
+    return json_response(status, body)
 
 
 def refresh_gauges(gateway: Served) -> None:

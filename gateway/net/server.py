@@ -31,8 +31,11 @@ from websockets.http11 import Response as HttpResponse
 
 from gateway import metrics
 from gateway.auth import Principal, TokenStore
-from gateway.config import GatewayConfig
+from gateway.cluster.member import ClusterMember, ClusterStartError
+from gateway.cluster.shared import SharedStateError
+from gateway.config import ClusterConfig, GatewayConfig
 from gateway.core.engine import RiskEngine
+from gateway.core.reservations import random_reservation_id
 from gateway.core.rules import Rule
 from gateway.fanout import Fanout, Outbox
 from gateway.net import http as routes
@@ -130,6 +133,8 @@ class Gateway:
             max_unauthenticated=config.server.max_unauthenticated, fd_budget=1 << 30
         )
         self._server: Server | None = None
+        #: This gateway as a member of a cluster (``[cluster]``), once joined.
+        self.member: ClusterMember | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._exits = AsyncExitStack()
         self._stopping = False
@@ -169,6 +174,9 @@ class Gateway:
     async def _start(self, tasks: asyncio.TaskGroup) -> None:
         await self.store.start(tasks)
         self.service.publish()
+        if self.config.cluster is not None:
+            # Joined before listening: no order is checked outside the cluster.
+            self.member = await join_cluster(self.config.cluster, self.service, tasks)
         server_cfg = self.config.server
         fd_limit = raise_fd_limit()
         self.admission.fd_budget = max(1, fd_limit - open_fds() - FD_RESERVE)
@@ -240,6 +248,8 @@ class Gateway:
                 await self._server.wait_closed()
             await self.fanout.stop()
             self.service.commit()
+            if self.member is not None:
+                await self.member.close()
         finally:
             try:
                 # Always: closing the store ends the journal's writer task,
@@ -507,6 +517,29 @@ async def close(ws: ServerConnection, code: int, reason: str) -> None:
         wsio.abort(ws)
 
 
+async def join_cluster(
+    config: ClusterConfig, service: RiskService, tasks: asyncio.TaskGroup
+) -> ClusterMember:
+    """Open the shared state and join the cluster (``ClusterStartError``
+    names what refused it)."""
+    # Imported here: a single gateway never loads the Redis client.
+    from gateway.cluster.redis_state import open_redis_state
+
+    try:
+        shared = await open_redis_state(config.redis_url, timeout_ms=config.redis_timeout_ms)
+    except SharedStateError as error:
+        raise ClusterStartError(f"cannot join the cluster: {error}") from None
+    member = ClusterMember(config, shared, service.admin)
+    service.cluster = member
+    try:
+        await member.start(tasks)
+    except BaseException:
+        service.cluster = None
+        await member.close()
+        raise
+    return member
+
+
 def open_gateway(
     config: GatewayConfig,
     tokens: TokenStore,
@@ -520,10 +553,19 @@ def open_gateway(
     ``StateDirLocked`` when another gateway holds the directory, ``OSError``
     or ``PersistenceError`` when it cannot be opened.
     """
+    reservation_ids = None
+    if config.cluster is not None:
+        # A reservation id names the member that holds it (WRONG_GATEWAY).
+        prefix = config.cluster.name + ":"
+
+        def reservation_ids() -> str:
+            return prefix + random_reservation_id()
+
     engine = RiskEngine(
         limits=config.limits,
         now_ms=clock(),
         rules=rules,
+        reservation_ids=reservation_ids,
         max_symbols_per_account=config.server.max_symbols_per_account,
         max_reservations_per_account=config.server.max_reservations_per_account,
     )
@@ -554,7 +596,7 @@ async def running_gateway(
     async with gateway:
         recovered = gateway.store.recovered
         assert recovered is not None
-        if not recovered.fresh and await gateway.service.reload_limits(
+        if not recovered.fresh and await gateway.service.admin.reload_limits(
             config.limits, actor="config"
         ):
             log.warning(
