@@ -186,7 +186,7 @@ class AdminChanges:
             changed = await member.documents.write_with_retry("emergency", prepare)
             version = engine.emergency_version
         if changed:
-            await member.wait_applied("emergency", version)
+            await member.directory.wait_applied("emergency", version)
             await self.fanout.flusher.barrier()
         return engine.emergency_view()
 
@@ -205,7 +205,7 @@ class AdminChanges:
             changed = await member.documents.write_with_retry("limits", prepare)
             version = engine.limits_version
         if changed:
-            await member.wait_applied("limits", version)
+            await member.directory.wait_applied("limits", version)
         return engine.limits_view()
 
     async def stage_durably(self, records: Sequence[StagedRecord]) -> None:

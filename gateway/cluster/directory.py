@@ -4,6 +4,7 @@ latest heartbeat told; the ``WRONG_GATEWAY`` answers, ``cluster.get`` and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -28,10 +29,13 @@ class Directory:
         self.members: tuple[Member, ...] = ()
         #: account -> (owner name, owner url).
         self.owners: dict[str, tuple[str, str]] = {}
+        self._updated = asyncio.Event()
 
     def update(self, members: tuple[Member, ...]) -> None:
+        """What the latest heartbeat told."""
         self.members = members
         self.owners = {account: (m.name, m.url) for m in members for account in m.accounts}
+        self._updated.set()
 
     # ------------------------------------------------------------ routing
 
@@ -68,7 +72,11 @@ class Directory:
                     f"reservation {reservation_id} was made by member {member} ({known.url})",
                     details={"owner": {"name": member, "url": known.url}},
                 )
-        return None
+        return ProtocolError(
+            ErrorCode.WRONG_GATEWAY,
+            f"reservation {reservation_id} names member {member}, which is not in the cluster",
+            details={"owner": None},
+        )
 
     def all_applied(self, document: str, version: int) -> bool:
         """Has every other live member applied ``version`` of ``document``?"""
@@ -77,6 +85,22 @@ class Directory:
             for m in self.members
             if m.alive and m.name != self.name
         )
+
+    async def wait_applied(self, document: str, version: int) -> None:
+        """Return once every other live member has applied ``version`` of
+        ``document`` (as their heartbeats report it), or ``S`` has passed."""
+        try:
+            async with asyncio.timeout(self.staleness_ms / 1000):
+                while not self.all_applied(document, version):
+                    self._updated.clear()
+                    await self._updated.wait()
+        except TimeoutError:
+            log.info(
+                "%s version %d: not every live member confirmed it within %d ms",
+                document,
+                version,
+                self.staleness_ms,
+            )
 
     # ------------------------------------------------------------ methods
 

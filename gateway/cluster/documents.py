@@ -90,11 +90,20 @@ class SharedDocuments:
                     name, local["version"], _dumps(local), max_units=self._max_units(name, local)
                 )
                 if restored:
-                    log.warning(
-                        "shared %s document restored from this member's journal at version %d",
-                        name,
-                        local["version"],
-                    )
+                    if stored is None:
+                        log.info(
+                            "shared %s document seeded from this member's journal at version %d",
+                            name,
+                            local["version"],
+                        )
+                    else:
+                        log.warning(
+                            "shared %s document restored from this member's journal at version "
+                            "%d (the shared state held version %d)",
+                            name,
+                            local["version"],
+                            stored.version,
+                        )
                     continue
                 stored = await self.shared.read_document(name)
             if stored is not None:

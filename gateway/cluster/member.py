@@ -42,7 +42,6 @@ from gateway.cluster.shared import (
     DOCUMENTS,
     Beat,
     CreditAnswer,
-    DocumentName,
     Member,
     OwnershipRefused,
     SharedState,
@@ -53,6 +52,7 @@ from gateway.config import ClusterConfig
 from gateway.core.engine import RiskEngine
 from gateway.core.records import StagedRecord
 from gateway.core.share import LimitShare
+from gateway.persistence import PersistenceError
 from protocol.codes import AlertCode, AlertLevel, ErrorCode, Mode
 from protocol.errors import ProtocolError
 from protocol.messages import EmergencySet
@@ -129,11 +129,11 @@ class ClusterMember:
         self.recovering: tuple[str, ...] = ()
         self.total_units = 0
         self._beats = 0
-        self._beat_seen = asyncio.Event()
         self._sync_wanted = asyncio.Event()
         #: A heartbeat's send time that renews the fence once its versions are applied.
         self._pending: tuple[int, Mapping[str, int]] | None = None
         self._recovery_wanted = False
+        self._credit_seen_ns = 0
         self._published_ms = 0
         self._unreachable_since_ms: int | None = None
         self._fenced_shown = False
@@ -240,22 +240,6 @@ class ClusterMember:
             and self.share.unavailable is None
         )
 
-    async def wait_applied(self, name: DocumentName, version: int) -> None:
-        """Return once every live member has applied ``version`` of a
-        document, or ``S`` has passed."""
-        try:
-            async with asyncio.timeout(self.config.max_staleness_ms / 1000):
-                while not self.directory.all_applied(name, version):
-                    self._beat_seen.clear()
-                    await self._beat_seen.wait()
-        except TimeoutError:
-            log.info(
-                "%s version %d: not every live member confirmed it within %d ms",
-                name,
-                version,
-                self.config.max_staleness_ms,
-            )
-
     def health(self) -> dict[str, Any]:
         """The ``cluster`` object of ``/healthz``."""
         self._refresh_fence()
@@ -286,7 +270,7 @@ class ClusterMember:
             await self.host.set_emergency(
                 EmergencySet(mode=Mode.REDUCING, reason=reason), "gateway"
             )
-        except (ProtocolError, SharedStateError) as error:
+        except (ProtocolError, SharedStateError, PersistenceError) as error:
             log.error("cannot set the cluster reducing after a breach: %s", error)
 
     # --------------------------------------------------------- the loops
@@ -336,8 +320,11 @@ class ClusterMember:
         )
         self.engine.sharing.changed()
         self._update_blocked()
-        if beat.epoch != self.epoch or beat.credit_units < self.ledger.units:
-            # The shared state lost data (or counts less than this member uses).
+        lost_credit = sent > self._credit_seen_ns and beat.credit_units < self.ledger.units
+        if beat.epoch != self.epoch or lost_credit:
+            # The shared state lost data (or counts less than this member
+            # uses; a heartbeat sent before the latest credit answer came
+            # may show the credit before it, which is no loss).
             self._recovery_wanted = True
             self._sync_wanted.set()
         else:
@@ -348,7 +335,6 @@ class ClusterMember:
             else:
                 self.fence.renewed(sent)
         self._beats += 1
-        self._beat_seen.set()
         self._refresh_fence()
 
     def _update_blocked(self) -> None:
@@ -372,6 +358,7 @@ class ClusterMember:
             self._refresh_fence()
 
     def _credit_answered(self, answer: CreditAnswer) -> None:
+        self._credit_seen_ns = self._monotonic_ns()
         self.total_units = answer.total_units
         self.recovering = answer.recovering
         self._update_blocked()
@@ -384,9 +371,14 @@ class ClusterMember:
             except SharedStateUnavailable:
                 await asyncio.sleep(self.period_s)
                 continue
-            for document in documents:
-                async with self.host.admin_lock:
-                    await self.documents.converge(document)
+            try:
+                for document in documents:
+                    async with self.host.admin_lock:
+                        await self.documents.converge(document)
+            except PersistenceError as error:
+                # The gateway halted itself; it applies nothing more.
+                log.error("shared document not applied: %s", error)
+                await asyncio.sleep(self.period_s)
 
     async def _syncer(self) -> None:
         while True:
@@ -401,7 +393,7 @@ class ClusterMember:
                         async with self.host.admin_lock:
                             await self.documents.sync(name)
                     self._documents_applied()
-            except SharedStateError as error:
+            except (SharedStateError, PersistenceError) as error:
                 log.warning("catching up with the shared state: %s", error)
                 await asyncio.sleep(self.period_s)
                 self._sync_wanted.set()

@@ -96,6 +96,8 @@ async def test_reservations_name_their_member_and_route_release(cluster: Cluster
         assert error["code"] == "WRONG_GATEWAY" and error["owner"]["name"] == "m1"
         released = await m1.ok("reservation.release", {"reservation_id": held["reservation_id"]})
         assert released["released"] is True
+        unknown = await m1.error("reservation.release", {"reservation_id": "m9:R0123456789abcdef"})
+        assert unknown["code"] == "WRONG_GATEWAY" and unknown["owner"] is None
     finally:
         await m1.close()
         await m2.close()
