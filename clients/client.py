@@ -10,9 +10,11 @@ What a caller can rely on:
   response with the same id. An error response raises ``GatewayError`` (with
   the protocol's ``code`` and ``message``), no answer within
   ``request_timeout`` raises ``TimeoutError``, and a connection lost while
-  waiting raises ``ConnectionError``. Requests are never re-sent by the client:
-  whether a lost request took effect is for the caller to find out (position
-  updates are absolute, so re-sending those is harmless).
+  waiting raises ``ConnectionError``. Requests are never re-sent by the client
+  (except, in a cluster, to the owner a ``WRONG_GATEWAY`` answer names: that
+  answer means nothing was done): whether a lost request took effect is for
+  the caller to find out (position updates are absolute, so re-sending those
+  is harmless).
 - Pushes are handed to callbacks (``client.on(channel, callback)``) and to
   iterators (``client.pushes(channel)``) in the order the gateway sent them,
   with per-channel ``seq`` checked: a gap makes the client subscribe to that
@@ -27,6 +29,39 @@ What a caller can rely on:
 - ``client.emergency`` is the current EMERGENCY object, kept up to date from
   the ``emergency`` channel that every connection receives.
 
+A cluster (PROTOCOL section 10: several gateways, "members", each owning some
+accounts) is used the same way; give one member's URL or a list of them:
+
+- The first URL that answers is the *primary* connection: hello, pushes,
+  subscriptions and every request without an account (``emergency.*``,
+  ``limits.*``, ``subscribe``, ``cluster.*``, ``ping``, ``state.get`` without
+  ``account``, which shows the primary's accounts only) go there. When it
+  drops, reconnecting tries the same URL first, then the next one (the given
+  URLs, then the members learned from ``cluster.get``); a different member
+  has its own seqs, so its channels are taken from snapshots.
+- The hello shows whether the gateway is a member (its EMERGENCY has a
+  ``cluster`` object). If so, and unless ``discover=False``, the client asks
+  ``cluster.get`` once connected (and after each reconnect) and learns which
+  member owns which account.
+- Requests for an account (``order.validate``, ``position.update``,
+  ``position.snapshot``, ``state.get`` with ``account``) go to the account's
+  owner, ``reservation.release`` to the member named by the id's
+  ``<member>:`` prefix, each over a connection of its own to that member,
+  opened when first needed and kept (with the same reconnect policy). An
+  account not known yet goes to the primary; a ``WRONG_GATEWAY`` answer is
+  followed: the owner it names is remembered and the request sent there, at
+  most ``MAX_REDIRECTS`` times, never twice to the same member; then the
+  ``GatewayError`` (its ``owner`` attribute set) is raised. An account no
+  member owns raises ``WRONG_GATEWAY`` with ``owner`` None at once.
+- ``price.update`` is sent to every known member (each member keeps its own
+  reference prices): the primary's answer is the result; a member that cannot
+  be reached is skipped for ``backoff_cap`` seconds and, like the other
+  members' refusals, logged.
+- Requests for one account keep their order once its owner is known (one
+  connection per member); a request sent on by a ``WRONG_GATEWAY`` answer
+  may be overtaken by later ones, and requests for different members may be
+  answered in any order.
+
 Clients import ``protocol``, never ``gateway``.
 """
 
@@ -34,11 +69,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, cast
@@ -49,12 +85,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Origin
 
 from protocol.codec import decode_message, encode_request
-from protocol.codes import Channel, CloseCode, Mode, Role
+from protocol.codes import Channel, CloseCode, ErrorCode, Mode, Role
 from protocol.errors import ProtocolError
 
 __all__ = [
     "BACKOFF_BASE_S",
     "BACKOFF_CAP_S",
+    "MAX_REDIRECTS",
     "AuthenticationError",
     "DecimalLike",
     "GatewayClient",
@@ -74,6 +111,14 @@ BACKOFF_CAP_S: Final = 5.0
 AUTH_CLOSE_CODES: Final = frozenset({CloseCode.AUTH_FAILED, 1008})
 #: Incoming frames (a STATE of many accounts can be large) are allowed up to this.
 MAX_INCOMING_BYTES: Final = 64 * 1024 * 1024
+#: ``WRONG_GATEWAY`` answers followed for one request before the error is raised.
+MAX_REDIRECTS: Final = 2
+#: Methods whose ``params.account`` is sent to the account's owner in a cluster.
+ACCOUNT_METHODS: Final = frozenset(
+    {"order.validate", "position.update", "position.snapshot", "state.get"}
+)
+#: Methods sent to every member of a cluster: each member keeps its own reference prices.
+BROADCAST_METHODS: Final = frozenset({"price.update"})
 
 DecimalLike = str | Decimal | int
 JSONObject = dict[str, Any]
@@ -84,13 +129,24 @@ class GatewayError(Exception):
 
     ``code`` is the protocol's error code (``BAD_REQUEST``, ``FORBIDDEN``,
     ``CONFLICT``...) and ``message`` the gateway's explanation, which names the
-    field at fault when there is one.
+    field at fault when there is one. ``details`` holds the error object's
+    other keys, e.g. ``owner`` of ``WRONG_GATEWAY`` (also the ``owner``
+    attribute).
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.details: JSONObject = dict(details or {})
+
+    @property
+    def owner(self) -> JSONObject | None:
+        """``WRONG_GATEWAY``'s ``{"name", "url"}`` of the member owning the
+        account (or that made the reservation); None otherwise, and when no
+        member owns it."""
+        owner = self.details.get("owner")
+        return owner if isinstance(owner, dict) else None
 
 
 class AuthenticationError(GatewayError):
@@ -225,11 +281,17 @@ class GatewayClient:
     ``cancel_on_disconnect`` the gateway releases this connection's reservations
     when it closes. ``origin`` sets the handshake's ``Origin`` header (only
     needed to act like a browser page).
+
+    ``url`` is one URL or a list of them (members of one cluster, tried in
+    order); ``self.url`` is the primary connection's current one. In a
+    cluster, requests are routed to the member that owns their account (see
+    the module's documentation); ``discover=False`` learns the owners from
+    ``WRONG_GATEWAY`` answers only, instead of asking ``cluster.get`` first.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str,
         *,
         request_timeout: float = 10.0,
@@ -239,8 +301,14 @@ class GatewayClient:
         origin: str | None = None,
         backoff_base: float = BACKOFF_BASE_S,
         backoff_cap: float = BACKOFF_CAP_S,
+        discover: bool = True,
     ) -> None:
-        self.url = url
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError("url must be a URL or a non-empty list of URLs")
+        self.urls: tuple[str, ...] = urls
+        self.url = urls[0]
+        self.discover = discover
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.cancel_on_disconnect = cancel_on_disconnect
@@ -271,6 +339,18 @@ class GatewayClient:
         self._connection_callbacks: list[Callable[[bool], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.reconnects = 0
+        # The URL the seqs in _last_seq came from (another member has its own).
+        self._epoch_url: str | None = None
+        # Cluster routing: off on the per-member connections this client opens.
+        self._routing = True
+        self._in_cluster = False
+        self._member_name: str | None = None  # the primary's name in the cluster
+        self._owners: dict[str, str] = {}  # account -> member name
+        self._member_urls: dict[str, str] = {}  # member name -> url
+        # Members a broadcast could not reach, skipped until then (loop time).
+        self._skip_until: dict[str, float] = {}
+        self._links: dict[str, GatewayClient] = {}  # url -> connection to that member
+        self._opening: dict[str, asyncio.Task[GatewayClient]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -293,8 +373,24 @@ class GatewayClient:
             raise RuntimeError("GatewayClient.connect was already called")
         self._closing = False
         self._failure = None
-        reader = await self._open()
+        reader = await self._open_first()
         self._supervisor = asyncio.create_task(self._supervise(reader), name="gateway-client")
+        if self._routing and self._in_cluster and self.discover:
+            await self._discover()
+
+    async def _open_first(self) -> asyncio.Task[None]:
+        """``_open`` on the first of ``urls`` that can be reached."""
+        for index, url in enumerate(self.urls):
+            self.url = url
+            try:
+                return await self._open()
+            except AuthenticationError:
+                raise
+            except (OSError, TimeoutError) as exc:
+                if index == len(self.urls) - 1:
+                    raise
+                log.info("cannot connect to %s (%s); trying %s", url, exc, self.urls[index + 1])
+        raise AssertionError("unreachable: urls is never empty")
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting. Pending requests raise
@@ -313,6 +409,11 @@ class GatewayClient:
                 await supervisor
         self._ws = None
         self._lost(ConnectionError("the client was closed"))
+        for opening in list(self._opening.values()):
+            opening.cancel()
+        links, self._links = self._links, {}
+        for link in links.values():
+            await link.close()
         self._finish()
         for task in list(self._tasks):
             task.cancel()
@@ -353,6 +454,20 @@ class GatewayClient:
         """The last seq seen per channel (what a reconnect resumes from)."""
         return dict(self._last_seq)
 
+    @property
+    def in_cluster(self) -> bool:
+        """True when the primary connection's gateway is a member of a cluster."""
+        return self._in_cluster
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """The accounts whose owner is known: account -> the owning member's URL."""
+        return {
+            account: self._member_urls[name]
+            for account, name in self._owners.items()
+            if name in self._member_urls
+        }
+
     async def wait_connected(self) -> None:
         """Return once connected (again); raise the stop reason if the client stopped.
 
@@ -382,10 +497,214 @@ class GatewayClient:
 
         For pipelining (many requests in flight, sent in order): the frame has
         been handed to the connection when this returns. The future raises as
-        ``request`` does, except that no timeout applies to it.
+        ``request`` does, except that no timeout applies to it. In a cluster
+        the frame goes to the member the request is routed to, and the future
+        follows ``WRONG_GATEWAY`` answers.
+        """
+        if not (self._routing and self._in_cluster):
+            await self._ready()
+            return await self._send(method, params)
+        if method in BROADCAST_METHODS:
+            return await self._broadcast(method, params)
+        key = _route_key(method, params)
+        if key is None:
+            await self._ready()
+            return await self._send(method, params)
+        url = self._target(key)
+        future = await self._send_at(url, method, params, key)
+        return asyncio.ensure_future(self._follow(future, method, params, key, url))
+
+    # -------------------------------------------------------------- routing
+
+    def _target(self, key: tuple[str, str]) -> str | None:
+        """The URL of the member that owns the account (or made the
+        reservation), None while unknown (the primary is asked)."""
+        kind, value = key
+        name = self._owners.get(value) if kind == "account" else value
+        return None if name is None else self._member_urls.get(name)
+
+    async def _send_at(
+        self,
+        url: str | None,
+        method: str,
+        params: Mapping[str, Any] | None,
+        key: tuple[str, str] | None = None,
+    ) -> asyncio.Future[JSONObject]:
+        """Send over the primary (``url`` None or its own) or the member at ``url``."""
+        if url is None or url == self.url:
+            await self._ready()
+            return await self._send(method, params)
+        try:
+            link = await self._link(url)
+        except (OSError, TimeoutError) as exc:
+            if key is None:
+                raise
+            what = "owns account" if key[0] == "account" else "made reservation"
+            held = key[1] if key[0] == "account" else str((params or {}).get("reservation_id"))
+            message = f"{exc} (the member that {what} {held})"
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(message) from None
+            raise ConnectionError(message) from None
+        await link._ready()
+        return await link._send(method, params)
+
+    async def _follow(
+        self,
+        future: asyncio.Future[JSONObject],
+        method: str,
+        params: Mapping[str, Any] | None,
+        key: tuple[str, str],
+        url: str | None,
+    ) -> JSONObject:
+        """The result of a routed request, following ``WRONG_GATEWAY`` answers."""
+        tried = {url or self.url}
+        for hop in range(MAX_REDIRECTS + 1):
+            try:
+                return await future
+            except GatewayError as error:
+                owner_url = self._learn_owner(error, key)
+                if owner_url is None or owner_url in tried or hop == MAX_REDIRECTS:
+                    raise
+                log.info("%s for %s: following %s to %s", method, key[1], error.code, owner_url)
+                tried.add(owner_url)
+                future = await self._send_at(owner_url, method, params, key)
+        raise AssertionError("unreachable: the last hop returns or raises")
+
+    def _learn_owner(self, error: GatewayError, key: tuple[str, str]) -> str | None:
+        """Remember the owner a ``WRONG_GATEWAY`` names; its URL (None: not one)."""
+        if error.code != ErrorCode.WRONG_GATEWAY.value:
+            return None
+        kind, value = key
+        owner = error.owner
+        name = None if owner is None else owner.get("name")
+        url = None if owner is None else owner.get("url")
+        if not isinstance(url, str) or not url:
+            if kind == "account":
+                self._owners.pop(value, None)  # no member owns it (any more)
+            return None
+        if isinstance(name, str) and name:
+            self._member_urls[name] = url
+            if kind == "account":
+                self._owners[value] = name
+        return url
+
+    async def _broadcast(
+        self, method: str, params: Mapping[str, Any] | None
+    ) -> asyncio.Future[JSONObject]:
+        """Send to the primary and to every other member; the primary's future.
+
+        A member that cannot be reached is skipped (logged), and not tried
+        again for ``backoff_cap`` seconds; a connection that is reconnecting
+        is skipped without waiting.
         """
         await self._ready()
-        return await self._send(method, params)
+        future = await self._send(method, params)
+        now = asyncio.get_running_loop().time()
+        for name, url in sorted(self._member_urls.items()):
+            if name == self._member_name or url == self.url:
+                continue
+            if self._skip_until.get(url, 0.0) > now:
+                continue
+            try:
+                link = await self._link(url)
+                if not link.connected:
+                    raise ConnectionError(f"the connection to {url} is reconnecting")
+                other = await link._send(method, params)
+            except (OSError, TimeoutError, GatewayError) as exc:
+                log.warning("%s not sent to member %s (%s): %s", method, name, url, exc)
+                self._skip_until[url] = asyncio.get_running_loop().time() + self.backoff_cap
+                continue
+            other.add_done_callback(functools.partial(_log_refusal, method, name))
+        return future
+
+    async def _link(self, url: str) -> GatewayClient:
+        """The connection to the member at ``url``, opened when first needed."""
+        if self._closing:
+            raise ConnectionError("the client was closed")
+        link = self._links.get(url)
+        if link is not None:
+            if link._failure is None and not link._closing:
+                return link
+            del self._links[url]  # stopped for good: open a new one
+            self._spawn(link.close())
+        opening = self._opening.get(url)
+        if opening is None:
+            opening = asyncio.ensure_future(self._open_link(url))
+            self._opening[url] = opening
+            opening.add_done_callback(functools.partial(self._opened, url))
+        return await asyncio.shield(opening)
+
+    async def _open_link(self, url: str) -> GatewayClient:
+        link = GatewayClient(
+            url,
+            self._token,
+            request_timeout=self.request_timeout,
+            reconnect=self.reconnect,
+            cancel_on_disconnect=self.cancel_on_disconnect,
+            origin=self.origin,
+            backoff_base=self.backoff_base,
+            backoff_cap=self.backoff_cap,
+            discover=False,
+        )
+        link._routing = False
+        await link.connect()
+        if self._closing:
+            await link.close()
+            raise ConnectionError("the client was closed")
+        self._links[url] = link
+        return link
+
+    def _opened(self, url: str, task: asyncio.Task[GatewayClient]) -> None:
+        if self._opening.get(url) is task:
+            del self._opening[url]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters have raised it
+
+    def _learn_cluster(self, view: JSONObject) -> None:
+        """Take the members and their accounts from a ``cluster.get`` result."""
+        members = view.get("members")
+        if not isinstance(members, list):
+            return
+        owners: dict[str, str] = {}
+        urls: dict[str, str] = {}
+        for member in members:
+            if not isinstance(member, dict):
+                continue
+            name, url = member.get("name"), member.get("url")
+            if not isinstance(name, str) or not isinstance(url, str):
+                continue
+            urls[name] = url
+            for account in member.get("accounts") or ():
+                if isinstance(account, str):
+                    owners[account] = name
+        self._owners, self._member_urls = owners, urls
+        for url in [u for u in self._links if u not in urls.values()]:
+            self._spawn(self._links.pop(url).close())  # a member no longer in the cluster
+        name = view.get("name")
+        self._member_name = name if isinstance(name, str) else None
+
+    async def _discover(self) -> None:
+        try:
+            await self.cluster()
+        except (GatewayError, OSError, TimeoutError) as exc:
+            log.warning(
+                "cluster.get failed (%s); owners are learned from WRONG_GATEWAY answers", exc
+            )
+
+    def _failover_urls(self) -> list[str]:
+        """Where the primary connection may go: the given URLs, then the known members."""
+        urls = list(self.urls)
+        for _name, url in sorted(self._member_urls.items()):
+            if url not in urls:
+                urls.append(url)
+        return urls
+
+    def _next_url(self) -> None:
+        urls = self._failover_urls()
+        if len(urls) < 2:
+            return
+        index = urls.index(self.url) if self.url in urls else -1
+        self.url = urls[(index + 1) % len(urls)]
 
     async def _send(
         self,
@@ -549,6 +868,19 @@ class GatewayClient:
         """``limits.set`` (admin): ``CONFLICT`` unless ``version`` is current."""
         return await self.request("limits.set", {"version": version, "limits": dict(limits)})
 
+    async def cluster(self) -> JSONObject:
+        """``cluster.get`` on the primary: ``{name, members}``; also refreshes
+        the routes. ``NOT_FOUND`` from a gateway that is not in a cluster."""
+        view = await self.request("cluster.get")
+        if self._routing:
+            self._learn_cluster(view)
+        return view
+
+    async def cluster_forget(self, name: str) -> JSONObject:
+        """``cluster.forget`` (admin): ``{"forgotten": name}``; ``CONFLICT`` while
+        the member was seen recently, ``NOT_FOUND`` for an unknown one."""
+        return await self.request("cluster.forget", {"name": name})
+
     async def subscribe(self, *channels: str) -> JSONObject:
         """Follow more channels (kept across reconnects); the result maps channel to seq."""
         new = [c for c in channels if c not in self._channels]
@@ -678,10 +1010,17 @@ class GatewayClient:
                 hello_params = {"cancel_on_disconnect": True} if self.cancel_on_disconnect else None
                 hello = await (await self._send("session.hello", hello_params))
                 epoch = hello.get("epoch")
-                if self._epoch is not None and epoch != self._epoch:
-                    # The gateway restarted: its seqs started again at 1.
+                if self._epoch is not None and (
+                    epoch != self._epoch or self.url != self._epoch_url
+                ):
+                    # The gateway restarted, or this is another member: its
+                    # seqs are not the ones seen so far.
                     log.info(
-                        "gateway epoch changed (%s -> %s): taking snapshots", self._epoch, epoch
+                        "gateway epoch changed (%s at %s -> %s at %s): taking snapshots",
+                        self._epoch,
+                        self._epoch_url,
+                        epoch,
+                        self.url,
                     )
                     emergency_seq = self._last_seq.get(Channel.EMERGENCY.value)
                     self._last_seq.clear()
@@ -689,9 +1028,13 @@ class GatewayClient:
                         # The emergency snapshot of this connection came before the hello.
                         self._last_seq[Channel.EMERGENCY.value] = emergency_seq
                 self._epoch = epoch if isinstance(epoch, int) else None
+                if self.url != self._epoch_url:
+                    self._member_name = None  # learned again from cluster.get
+                self._epoch_url = self.url
                 self._hello = hello
                 emergency = hello.get("emergency")
                 if isinstance(emergency, dict):
+                    self._in_cluster = isinstance(emergency.get("cluster"), dict)
                     self._adopt_emergency(emergency)
                 if self._channels:
                     await self._subscribe(list(self._channels), resume=True)
@@ -773,9 +1116,12 @@ class GatewayClient:
                     return
                 except (OSError, TimeoutError, GatewayError, ProtocolError) as exc:
                     log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
+                    self._next_url()  # another member of the cluster, if any is known
                     continue
                 self.reconnects += 1
                 attempt = 0
+                if self._routing and self._in_cluster and self.discover:
+                    self._spawn(self._discover())
                 break
 
     def _lost(self, error: ConnectionError) -> None:
@@ -854,8 +1200,9 @@ class GatewayClient:
         error = message.get("error")
         if not isinstance(error, dict):
             error = {}
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
         entry.future.set_exception(
-            GatewayError(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
+            GatewayError(str(error.get("code", "INTERNAL")), str(error.get("message", "")), details)
         )
 
     def _on_push(self, message: JSONObject) -> None:
@@ -950,6 +1297,31 @@ class GatewayClient:
             or version >= cast(int, current.get("version", -1))
         ):
             self._emergency = view
+
+
+def _route_key(method: str, params: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """``("account", A)`` or ``("member", M)`` for a request routed in a
+    cluster; None for one the primary answers."""
+    if params is None:
+        return None
+    if method in ACCOUNT_METHODS:
+        account = params.get("account")
+        return ("account", account) if isinstance(account, str) else None
+    if method == "reservation.release":
+        reservation_id = params.get("reservation_id")
+        if isinstance(reservation_id, str):
+            member, sep, _rest = reservation_id.partition(":")
+            if sep and member:
+                return ("member", member)
+    return None
+
+
+def _log_refusal(method: str, member: str, future: asyncio.Future[JSONObject]) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        log.warning("%s on member %s failed: %s", method, member, error)
 
 
 async def _guarded(awaitable: Awaitable[None]) -> None:

@@ -9,11 +9,18 @@
     riskctl replay FILE [--speed X | --max] [--window N] [--json] [--expect FILE]
                         [--record-decisions FILE]
     riskctl record --out FILE (--live --duration S | --state-dir DIR)
+    riskctl cluster [--json]
+    riskctl cluster forget NAME [--json]
     riskctl bench [--quick] [--json] [--sections LIST]
 
 Every command takes ``--url`` (default ``$RISKGW_URL`` or
 ``ws://127.0.0.1:8765/v1/ws``), ``--token`` (default ``$RISKGW_TOKEN``) and
 ``--timeout`` (seconds to wait for an answer, default 10).
+
+Against a cluster, ``--url`` may be given several times or as a comma
+separated list (``$RISKGW_URL`` too): the first member that answers is used,
+and requests for an account go to the member that owns it (``state
+--account``, ``replay``), as ``GatewayClient`` routes them.
 
 Exit status: 0 done; 1 the gateway refused, could not be reached, or (replay
 ``--expect``) decisions differ; 2 a usage error (missing token, bad argument,
@@ -80,14 +87,15 @@ class UsageError(Exception):
 
 @dataclass(slots=True)
 class Context:
-    url: str
+    urls: list[str]
     token: str
     timeout: float
     out: Console
     err: Console
 
     def client(self, **kwargs: Any) -> GatewayClient:
-        return GatewayClient(self.url, self.token, request_timeout=self.timeout, **kwargs)
+        url: str | list[str] = self.urls[0] if len(self.urls) == 1 else self.urls
+        return GatewayClient(url, self.token, request_timeout=self.timeout, **kwargs)
 
     def json(self, value: Any) -> None:
         self.out.file.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -100,7 +108,11 @@ class Context:
 def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument(
-        "--url", default=default, help=f"gateway URL (default $RISKGW_URL or {DEFAULT_URL})"
+        "--url",
+        action="append",
+        default=default,
+        help=f"gateway URL (default $RISKGW_URL or {DEFAULT_URL}); for a cluster, "
+        "repeat it or give a comma separated list of members",
     )
     parser.add_argument("--token", default=default, help="bearer token (default $RISKGW_TOKEN)")
     parser.add_argument(
@@ -114,7 +126,9 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="riskctl",
-        description="Operate a risk gateway: state, emergency switch, limits, watch, replay.",
+        description=(
+            "Operate a risk gateway: state, emergency switch, limits, watch, replay, cluster."
+        ),
         epilog="Exit status: 0 done, 1 refused/unreachable/differences, 2 usage error.",
     )
     _common(parser, suppress=False)
@@ -175,6 +189,17 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--live", action="store_true", help="the decisions channel, live")
     rec.add_argument("--duration", type=float, help="seconds to record (with --live)")
 
+    cluster = sub.add_parser("cluster", parents=[common], help="show or forget cluster members")
+    cluster.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "forget"),
+        default="show",
+        help="show the members (default), or forget one (admin)",
+    )
+    cluster.add_argument("name", nargs="?", help="the member to forget")
+    cluster.add_argument("--json", action="store_true", help="print the raw answer")
+
     bench = sub.add_parser("bench", help="benchmark a local gateway against an echo baseline")
     add_bench_arguments(bench)
     return parser
@@ -226,14 +251,14 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         return _fail("use: risk-gateway record STATE_DIR --out FILE", 2)
     if args.timeout <= 0:
         raise UsageError("--timeout must be greater than 0")
-    url = args.url or os.environ.get("RISKGW_URL") or DEFAULT_URL
+    urls = parse_urls(args.url or [os.environ.get("RISKGW_URL") or DEFAULT_URL])
     token = args.token or os.environ.get("RISKGW_TOKEN")
     if not token:
         raise UsageError(
             "no token: pass --token TOKEN or set RISKGW_TOKEN "
             "(the gateway prints its tokens on its first start)"
         )
-    ctx = Context(url=url, token=token, timeout=args.timeout, out=Console(), err=err)
+    ctx = Context(urls=urls, token=token, timeout=args.timeout, out=Console(), err=err)
     command: Callable[[argparse.Namespace, Context], Awaitable[int]]
     if args.command == "state":
         command = _state
@@ -245,9 +270,24 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         command = _watch
     elif args.command == "replay":
         command = _replay
+    elif args.command == "cluster":
+        command = _cluster_forget if args.action == "forget" else _cluster_show
     else:
         command = _record
     return asyncio.run(command(args, ctx))
+
+
+def parse_urls(values: Sequence[str]) -> list[str]:
+    """``--url`` values (each possibly a comma separated list) as one list, in order."""
+    urls: list[str] = []
+    for value in values:
+        for url in value.split(","):
+            url = url.strip()
+            if url and url not in urls:
+                urls.append(url)
+    if not urls:
+        raise UsageError("--url is empty")
+    return urls
 
 
 # ---------------------------------------------------------------- rendering
@@ -724,6 +764,83 @@ async def _replay(args: argparse.Namespace, ctx: Context) -> int:
         lines.append(f"  ... and {len(differences) - MAX_DIFFERENCES_SHOWN} more")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return 1
+
+
+# ------------------------------------------------------------------ cluster
+
+#: Sums of exposures are exact (they are shown, not rounded for display).
+_EXACT = decimal.Context(prec=200, traps=[])
+
+
+def cluster_gross(view: dict[str, Any]) -> str | None:
+    """The cluster-wide gross exposure: the sum of the members' published
+    exposures (None when no member shows one, e.g. a trader's view)."""
+    total: Decimal | None = None
+    for member in view.get("members") or ():
+        value = _dec(member.get("exposure")) if isinstance(member, dict) else None
+        if value is not None:
+            total = value if total is None else _EXACT.add(total, value)
+    return None if total is None else format(total, "f")
+
+
+def render_cluster(view: dict[str, Any]) -> Group:
+    this = view.get("name")
+    table = Table(title=f"cluster members (answered by {this})", expand=False)
+    for name, justify in (
+        ("member", "left"),
+        ("url", "left"),
+        ("accounts", "left"),
+        ("alive", "center"),
+        ("credit", "right"),
+        ("exposure", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    members = [m for m in view.get("members") or () if isinstance(m, dict)]
+    for member in members:
+        name = str(member.get("name", "?"))
+        alive = member.get("alive")
+        table.add_row(
+            Text(name, style="bold") if name == this else name,
+            str(member.get("url", "")),
+            ", ".join(str(a) for a in member.get("accounts") or ()) or "-",
+            Text("yes", style="green") if alive else Text("NO", style="bold red"),
+            str(member.get("credit") if member.get("credit") is not None else "-"),
+            str(member.get("exposure") if member.get("exposure") is not None else "-"),
+        )
+    gross = cluster_gross(view)
+    down = [str(m.get("name")) for m in members if not m.get("alive")]
+    footer = Text(f"cluster gross exposure {gross if gross is not None else '-'}")
+    footer.append(f" ({len(members)} member(s)", style="dim")
+    footer.append(f", not alive: {', '.join(down)}" if down else "", style="bold red")
+    footer.append(")", style="dim")
+    return Group(table, footer)
+
+
+async def _cluster_show(args: argparse.Namespace, ctx: Context) -> int:
+    if args.name is not None:
+        raise UsageError(f"unexpected {args.name!r}: use 'cluster' or 'cluster forget NAME'")
+    async with ctx.client(reconnect=False, discover=False) as client:
+        view = await client.cluster()
+    if args.json:
+        ctx.json({**view, "gross": cluster_gross(view)})
+    else:
+        ctx.out.print(render_cluster(view))
+    return 0
+
+
+async def _cluster_forget(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.name:
+        raise UsageError("cluster forget needs the member's NAME")
+    async with ctx.client(reconnect=False, discover=False) as client:
+        result = await client.cluster_forget(args.name)
+    if args.json:
+        ctx.json(result)
+    else:
+        ctx.out.print(
+            f"member {result.get('forgotten', args.name)} forgotten: its credit went back "
+            "to the pool and its accounts may be claimed by another member"
+        )
+    return 0
 
 
 # ------------------------------------------------------------------- record

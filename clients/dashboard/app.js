@@ -14,6 +14,9 @@
 //   (new `epoch`), in which case seqs restarted and snapshots are needed;
 // - no frame for 3 x heartbeat_s marks the view stale; a silence much longer
 //   than that drops the connection and reconnects.
+// - cluster mode (section 10: the EMERGENCY document has a `cluster` object):
+//   a panel lists the members from `cluster.get`, asked every 2 s and
+//   whenever an EMERGENCY arrives; hidden for a gateway that is not a member.
 "use strict";
 
 (() => {
@@ -23,6 +26,7 @@
   const REQUEST_TIMEOUT_MS = 10000;
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 15000;
+  const CLUSTER_REFRESH_MS = 2000;
   const STALE_FACTOR = 3; // heartbeats missed before the view is stale
   const DEAD_FACTOR = 10; // heartbeats missed before the connection is dropped
   const SEQ_CHANNELS = ["emergency", "alerts", "exposure", "decisions"];
@@ -64,6 +68,11 @@
     decisions: [], // newest first
     resyncs: 0, // gap-triggered re-subscriptions
     wasLive: false, // this page had a live connection (a new one is a reconnect)
+    clusterMode: false, // the gateway is a member of a cluster
+    cluster: null, // the last cluster.get result
+    clusterError: "",
+    clusterBusy: false, // a cluster.get is in flight
+    clusterAgain: false, // ask again once it is answered
   };
 
   function resetChannels() {
@@ -84,6 +93,9 @@
     st.decisions = [];
     st.epoch = null;
     st.principal = null;
+    st.clusterMode = false;
+    st.cluster = null;
+    st.clusterError = "";
   }
 
   resetChannels();
@@ -97,6 +109,30 @@
     const m = /^(-?)(\d+)(\.\d+)?$/.exec(s);
     if (!m) return s;
     return m[1] + m[2].replace(/\B(?=(\d{3})+(?!\d))/g, ",") + (m[3] || "");
+  }
+
+  // The exact sum of decimal strings (null when there is none), through BigInt.
+  function sumDecimals(values) {
+    const parsed = [];
+    let scale = 0;
+    for (const value of values) {
+      if (value === null || value === undefined) continue;
+      const m = /^(-?)(\d+)(?:\.(\d+))?$/.exec(String(value));
+      if (!m) continue;
+      parsed.push(m);
+      scale = Math.max(scale, (m[3] || "").length);
+    }
+    if (!parsed.length) return null;
+    let total = 0n;
+    for (const m of parsed) {
+      const units = BigInt(m[2] + (m[3] || "").padEnd(scale, "0"));
+      total += m[1] === "-" ? -units : units;
+    }
+    const negative = total < 0n;
+    const digits = (negative ? -total : total).toString().padStart(scale + 1, "0");
+    const whole = digits.slice(0, digits.length - scale);
+    const fraction = scale ? digits.slice(digits.length - scale).replace(/0+$/, "") : "";
+    return (negative ? "-" : "") + whole + (fraction ? `.${fraction}` : "");
   }
 
   // Utilisation for display only (a bar width): a float is fine here.
@@ -299,6 +335,7 @@
     setPhase("live");
     renderRole();
     subscribeAll();
+    noteCluster(result.emergency);
   }
 
   function channelsForRole() {
@@ -472,6 +509,7 @@
     if (ch === "emergency") {
       st.emergency = data;
       renderEmergency();
+      noteCluster(data);
     } else if (ch === "alerts") {
       const list = Array.isArray(data.alerts) ? data.alerts.slice() : [];
       st.alerts = list.reverse().slice(0, MAX_ALERTS);
@@ -494,6 +532,7 @@
     if (ch === "emergency") {
       st.emergency = data;
       renderEmergency();
+      noteCluster(data);
     } else if (ch === "alerts") {
       st.alerts.unshift(data);
       st.alerts.length = Math.min(st.alerts.length, MAX_ALERTS);
@@ -508,6 +547,120 @@
       st.decisions.length = Math.min(st.decisions.length, MAX_DECISIONS);
       renderDecisions();
     }
+  }
+
+  // ---------------------------------------------------------------- cluster
+
+  // An EMERGENCY (from the hello or the channel) tells whether this gateway is
+  // a member of a cluster; each one is also a reason to look at the members.
+  function noteCluster(emergency) {
+    if (emergency && typeof emergency.cluster === "object" && emergency.cluster !== null) {
+      st.clusterMode = true;
+    }
+    renderCluster();
+    refreshCluster();
+  }
+
+  function refreshCluster() {
+    if (!st.clusterMode || st.phase !== "live") return;
+    if (st.clusterBusy) {
+      st.clusterAgain = true;
+      return;
+    }
+    st.clusterBusy = true;
+    const gen = st.gen;
+    request("cluster.get")
+      .then(
+        (response) => {
+          if (gen !== st.gen) return;
+          if (response.status === "ok") {
+            st.cluster = response.result;
+            st.clusterError = "";
+          } else {
+            const error = response.error || {};
+            if (error.code === "NOT_FOUND") {
+              st.clusterMode = false; // not (or no longer) a member
+              st.cluster = null;
+            } else {
+              st.clusterError = `cluster.get refused (${error.code}): ${error.message}`;
+            }
+          }
+          renderCluster();
+        },
+        (err) => {
+          if (gen !== st.gen) return;
+          st.clusterError = `cluster.get: ${err.message}`;
+          renderCluster();
+        },
+      )
+      .finally(() => {
+        st.clusterBusy = false;
+        if (st.clusterAgain) {
+          st.clusterAgain = false;
+          refreshCluster();
+        }
+      });
+  }
+
+  function clusterRow(member, self) {
+    const alive = member.alive === true;
+    return el(
+      "tr",
+      { dataset: { testid: "cluster-member", member: member.name, alive: String(alive) } },
+      el(
+        "th",
+        { scope: "row" },
+        el("span", { className: "member", text: member.name }),
+        member.name === self ? el("span", { className: "badge member-self", text: "this gateway" }) : null,
+        el("span", { className: "url", text: member.url || "" }),
+      ),
+      el("td", { className: "accounts", text: (member.accounts || []).join(", ") || "—" }),
+      el(
+        "td",
+        null,
+        el("span", {
+          className: `badge member-${alive ? "alive" : "down"}`,
+          dataset: { testid: "cluster-alive" },
+          text: alive ? "alive" : "down",
+        }),
+      ),
+      el("td", { className: "num", dataset: { testid: "cluster-credit" }, text: fmtDecimal(member.credit) }),
+      el("td", { className: "num", dataset: { testid: "cluster-exposure" }, text: fmtDecimal(member.exposure) }),
+    );
+  }
+
+  function renderCluster() {
+    const panel = $("cluster-panel");
+    panel.hidden = !st.clusterMode;
+    if (!st.clusterMode) return;
+    const view = st.cluster;
+    const members = view && Array.isArray(view.members) ? view.members : [];
+    $("cluster-rows").replaceChildren(...members.map((m) => clusterRow(m, view.name)));
+    setText($("cluster-gross"), fmtDecimal(sumDecimals(members.map((m) => m.exposure))));
+    const down = members.filter((m) => m.alive !== true).map((m) => m.name);
+    let summary = "Loading…";
+    if (view) {
+      summary = `${members.length} member${members.length === 1 ? "" : "s"}`;
+      summary += down.length ? `, down: ${down.join(", ")}` : ", all alive";
+    }
+    setText($("cluster-summary"), summary);
+
+    const c = st.emergency && st.emergency.cluster;
+    const fenced = $("cluster-fenced");
+    const fencedText =
+      c && c.reachable === false
+        ? `This gateway cannot reach the cluster's shared state${c.since ? ` since ${fmtSince(c.since)}` : ""}: it rejects every order until it can.`
+        : "";
+    setText(fenced, fencedText);
+    fenced.hidden = !fencedText;
+
+    let note = st.clusterError;
+    if (!note && st.principal && st.principal.role === "trader") {
+      note = "Credit and exposure are shown to viewers and admins.";
+    }
+    const p = $("cluster-note");
+    setText(p, note);
+    p.hidden = !note;
   }
 
   // -------------------------------------------------------------- rendering
@@ -890,6 +1043,7 @@
     renderEmergency();
     renderAlerts(0);
     renderDecisions();
+    renderCluster();
     $("token-input").value = "";
     showNotice("");
     showLogin("");
@@ -1018,6 +1172,7 @@
     $("alert-filter").addEventListener("change", () => renderAlerts(0));
     syncModeForm();
     setInterval(tick, 500);
+    setInterval(refreshCluster, CLUSTER_REFRESH_MS);
 
     let saved = null;
     try {
@@ -1042,6 +1197,7 @@
     seqs: () => ({ ...st.seq }),
     resyncs: () => st.resyncs,
     phase: () => st.phase,
+    cluster: () => (st.clusterMode ? st.cluster : null),
   };
 
   if (document.readyState === "loading") {
