@@ -25,6 +25,7 @@ delivers. The service never touches a socket.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -354,13 +355,23 @@ class RiskService:
         self, caller: Caller, params: OrderValidate, exposure_after: Decimal
     ) -> Result:
         """An order that does not fit this member's credit: borrow, then
-        decide (the check itself is as synchronous as ever)."""
+        decide (the check itself is as synchronous as ever). The wait ends
+        at the latest ``S`` after the member would fence itself: an order
+        never waits on a Redis that stopped answering for longer than that."""
         member = self.cluster
         assert member is not None
+        staleness_ms = member.config.max_staleness_ms
+        wait_s = (max(member.fence.remaining_ms(), 0) + staleness_ms) / 1000
         try:
-            await member.credit.borrow(exposure_after)
-        except SharedStateError as error:
-            log.info("credit for %s %s not borrowed: %s", params.account, params.symbol, error)
+            async with asyncio.timeout(wait_s):
+                await member.credit.borrow(exposure_after)
+        except (SharedStateError, TimeoutError) as error:
+            log.info(
+                "credit for %s %s not borrowed: %s",
+                params.account,
+                params.symbol,
+                error or f"no answer within {wait_s * 1000:.0f} ms",
+            )
         outcome = self._validate_now(caller, params, self.clock())
         if isinstance(outcome, ReplyWhenDurable):
             await self.store.durable(outcome.seq)

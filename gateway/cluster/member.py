@@ -310,6 +310,18 @@ class ClusterMember:
             self.fence.forget()
             self._refresh_fence()
             return
+        lost_credit = sent > self._credit_seen_ns and beat.credit_units < self.ledger.units
+        if beat.epoch != self.epoch or lost_credit:
+            # The shared state lost data (or counts less than this member
+            # uses; a heartbeat sent before the latest credit answer came
+            # may show the credit before it, which is no loss). What it
+            # shows now is not taken: the recovery waits for every member
+            # known before the loss.
+            self._recovery_wanted = True
+            self._update_blocked()
+            self._sync_wanted.set()
+            self._refresh_fence()
+            return
         self.directory.update(beat.members)
         self.recovering = beat.recovering
         self.total_units = beat.total_units
@@ -320,25 +332,22 @@ class ClusterMember:
         )
         self.engine.sharing.changed()
         self._update_blocked()
-        lost_credit = sent > self._credit_seen_ns and beat.credit_units < self.ledger.units
-        if beat.epoch != self.epoch or lost_credit:
-            # The shared state lost data (or counts less than this member
-            # uses; a heartbeat sent before the latest credit answer came
-            # may show the credit before it, which is no loss).
-            self._recovery_wanted = True
+        applied = self.documents.versions()
+        if any(beat.versions.get(n, 0) > applied[n] for n in DOCUMENTS):
+            self._pending = (sent, beat.versions)
             self._sync_wanted.set()
         else:
-            applied = self.documents.versions()
-            if any(beat.versions.get(n, 0) > applied[n] for n in DOCUMENTS):
-                self._pending = (sent, beat.versions)
-                self._sync_wanted.set()
-            else:
-                self.fence.renewed(sent)
+            self.fence.renewed(sent)
         self._beats += 1
         self._refresh_fence()
 
     def _update_blocked(self) -> None:
-        if self.recovering:
+        if self._recovery_wanted and not self.recovering:
+            self.share.adding_blocked = (
+                "the shared state lost data; orders that add exposure wait until every member "
+                "re-asserted its credit"
+            )
+        elif self.recovering:
             self.share.adding_blocked = (
                 "the shared state lost data; orders that add exposure wait until members "
                 f"{', '.join(sorted(self.recovering))} re-assert their credit"
@@ -427,6 +436,7 @@ class ClusterMember:
         await self.credit.reassert()
         self.epoch = epoch
         self._recovery_wanted = False
+        self._update_blocked()
 
     async def _watch_fence(self) -> None:
         """Fence on time when nothing else runs: sleep until the deadline."""

@@ -16,6 +16,7 @@ so it never holds up a credit request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -123,6 +124,16 @@ class RedisState:
             ) from None
         except (RedisError, OSError) as error:
             raise SharedStateUnavailable(f"Redis at {self.url}: {what}: {error}") from None
+        except Exception as error:
+            # The client's transport failed under it (a connection reset
+            # while it was being set up surfaces as RuntimeError from the
+            # event loop): drop every connection and answer unavailable.
+            for client in (self._redis, self._tail_redis):
+                with contextlib.suppress(Exception):
+                    await client.connection_pool.disconnect()
+            raise SharedStateUnavailable(
+                f"Redis at {self.url}: {what}: {type(error).__name__}: {error}"
+            ) from None
 
     # ------------------------------------------------------------ start
 

@@ -165,9 +165,12 @@ class Cluster:
         redis_timeout_ms: int = 1000,
         reservation_ttl_ms: int = 5000,
         redis_url: str | None = None,
+        redis_urls: dict[str, str] | None = None,
+        redis_port: int | None = None,
     ) -> None:
+        """``redis_urls``: a member's own way to Redis (a proxy), by name."""
         self.directory = directory
-        self.redis = RedisProcess(directory / "redis")
+        self.redis = RedisProcess(directory / "redis", port=redis_port)
         self.redis_url = redis_url or self.redis.url
         self.staleness_ms = staleness_ms
         self.members: dict[str, MemberProcess] = {}
@@ -181,7 +184,7 @@ class Cluster:
                     state_dir=member.directory / "state",
                     max_exposure=max_exposure,
                     reservation_ttl_ms=reservation_ttl_ms,
-                    redis_url=self.redis_url,
+                    redis_url=(redis_urls or {}).get(name, self.redis_url),
                     name=name,
                     accounts=", ".join(f'"{a}"' for a in owned),
                     staleness_ms=staleness_ms,
