@@ -1601,6 +1601,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep", type=Path, help="copy the scratch directory (configs, logs) here afterwards"
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="measure a cluster of members on Redis against a single gateway instead",
+    )
+    parser.add_argument(
         "--markdown", action="store_true", help="print the table as Markdown instead"
     )
     parser.add_argument(
@@ -1614,6 +1619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     """Run ``riskctl bench``; returns the exit status."""
     err = Console(file=sys.stderr, highlight=False)
+    if getattr(args, "cluster", False):
+        return _cluster_command(args, err)
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -1640,6 +1647,44 @@ def command(args: argparse.Namespace) -> int:
     finally:
         _end_children()  # only what an interrupted run left behind
     _print_report(report, as_json=args.json, as_markdown=args.markdown)
+    return 0
+
+
+def _cluster_command(args: argparse.Namespace, err: Console) -> int:
+    """``riskctl bench --cluster`` (``clients.bench_cluster``)."""
+    from clients import bench_cluster
+
+    if bench_cluster.redis_server() is None:
+        err.print(
+            "riskctl: bench --cluster needs redis-server (apt-get install redis-server)",
+            markup=False,
+        )
+        return 2
+    sizes = bench_cluster.QUICK if args.quick else bench_cluster.FULL
+
+    def progress(message: str) -> None:
+        err.print(message, markup=False)
+
+    coroutine = bench_cluster.run_cluster_bench(sizes, progress)
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        try:
+            import uvloop
+
+            report = uvloop.run(coroutine)
+        except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+            report = asyncio.run(coroutine)
+    finally:
+        _end_children()
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    table = Table(title="riskctl bench --cluster")
+    for column in ("figure", "measured", "target"):
+        table.add_column(column, overflow="fold")
+    for row in bench_cluster.render(report):
+        table.add_row(*row)
+    Console().print(table)
     return 0
 
 

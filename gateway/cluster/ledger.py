@@ -74,7 +74,7 @@ def max_units_for(max_exposure: Decimal) -> int:
 @dataclass(frozen=True, slots=True)
 class CreditPolicy:
     """Headroom as fractions of ``max_exposure``: refill below ``low``, up to
-    ``high``; give back what is above twice ``high``."""
+    ``high``; give back what is above ``high``."""
 
     low: Decimal = Decimal("0.05")
     high: Decimal = Decimal("0.10")
@@ -146,12 +146,13 @@ class CreditLedger:
         return CreditRequest("increase", wanted, self._new_seq())
 
     def plan_give_back(self, exposure: Decimal) -> CreditRequest | None:
-        """Above twice ``high`` of headroom, or above ``max_units`` (the limit
-        was lowered): the decrease to ``high`` of headroom, never below the
-        exposure."""
+        """Above ``high`` of headroom, or above ``max_units`` (the limit was
+        lowered): the decrease to ``high`` of headroom, never below the
+        exposure. (Refills start below ``low``: the band between them keeps a
+        member from borrowing and giving back in turn.)"""
         used = to_units_ceil(max(exposure, Decimal(0)))
         high = self._headroom(self.policy.high)
-        if self.units - used <= 2 * high and self.units <= self.max_units:
+        if self.units - used <= high and self.units <= self.max_units:
             return None
         target = max(min(used + high, self.max_units), used)
         if target >= self.units:

@@ -114,6 +114,38 @@ def test_bench_quick_json_when_run_then_every_section_is_reported() -> None:
         assert report[section]["failures"] == 0, section
 
 
+def test_bench_cluster_quick_json_when_run_then_every_figure_is_reported() -> None:
+    from tests.cluster.redisproc import require_redis
+
+    require_redis()
+    done = subprocess.run(
+        [sys.executable, "-m", "clients.riskctl", "bench", "--cluster", "--quick", "--json"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = orjson.loads(done.stdout)
+    latency = report["latency"]
+    for key in ("member_p50_us", "member_p99_us", "single_p50_us", "single_p99_us"):
+        assert _positive(latency[key]), key
+    assert _positive(latency["ratio_p50"]) and latency["failures"] == 0
+    fanout = report["fanout"]
+    assert fanout["members"] == 3 and fanout["missing_receipts"] == 0
+    assert 0 < fanout["last_receipt_median_ms"] <= fanout["last_receipt_worst_ms"]
+    for kind in ("updates", "validations"):
+        figures = report["throughput"][kind]
+        assert _positive(figures["one_member_per_s"]) and _positive(figures["two_members_per_s"])
+        assert _positive(figures["cpu_total_two_members"])
+    room = report["room"]
+    # One member filled up while two held idle headroom: the room it could
+    # not use is within what the design promises.
+    assert room["within_bound"] is True, room
+    assert Decimal(room["room_lost"]) > 0
+
+
 # ------------------------------------------------------------- statistics
 
 
