@@ -143,8 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     emergency = sub.add_parser("emergency", parents=[common], help="set or show the emergency mode")
     emergency.add_argument(
         "action",
+        nargs="?",
+        default="show",
         choices=("halted", "reducing", "normal", "show", "get"),
-        help="the mode to set, or show (get) the current one",
+        help="the mode to set, or show (get) the current one (the default)",
     )
     emergency.add_argument("--reason", help="why (required except for normal)")
     emergency.add_argument("--account", help="set this account's own mode only")
@@ -207,6 +209,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``riskctl`` command; returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as Python's
+        # documentation recommends, without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -709,6 +724,10 @@ def _print_report(ctx: Context, report: ReplayReport, path: Path) -> None:
     ctx.out.print(table)
 
 
+#: Answers that refuse the replay itself rather than judge a request.
+REFUSALS = frozenset({"FORBIDDEN", "UNAUTHENTICATED", "RATE_LIMITED", "UNAVAILABLE"})
+
+
 async def _replay(args: argparse.Namespace, ctx: Context) -> int:
     if args.window < 1:
         raise UsageError("--window must be at least 1")
@@ -751,6 +770,19 @@ async def _replay(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out.file.flush()
     else:
         _print_report(ctx, report, args.file)
+    refused = {code: n for code, n in report.errors.items() if code in REFUSALS}
+    if refused:
+        # The gateway refused the replay itself: the run did not test what
+        # it meant to (a request's own BAD_REQUEST and every decision are
+        # results, reported above).
+        counts = ", ".join(f"{n} {code}" for code, n in sorted(refused.items()))
+        print(
+            f"riskctl: the gateway refused {sum(refused.values())} of {len(requests)} "
+            f"request(s) ({counts}): the replay did not test what it meant to",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     if expected is None:
         return 0
     differences = compare(outcomes, expected)

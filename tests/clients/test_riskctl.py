@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 from clients.examples.make_example import generate, render
 from clients.riskctl import main, parse_limit_changes
 from protocol.codes import Mode
-from tests.conftest import ADMIN, TRADER, VIEWER, GatewayFactory, RunningGateway
+from tests.conftest import ADMIN, TRADER, TRADER_B, VIEWER, GatewayFactory, RunningGateway
 from tests.wsclient import TestClient
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "clients" / "examples" / "example.ndjson"
@@ -306,10 +309,86 @@ async def test_replay_when_errors_then_counted_by_code(
         {"id": 4, "method": "order.validate", "params": {"account": "A1"}, "t": 3},
     ]
     replay_file.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    assert await riskctl(gw, TRADER, "replay", str(replay_file), "--json") == 0
-    report = orjson.loads(capsys.readouterr().out)
+    # FORBIDDEN (a trader's emergency.set) refused the replay itself: exit 1.
+    assert await riskctl(gw, TRADER, "replay", str(replay_file), "--json") == 1
+    captured = capsys.readouterr()
+    report = orjson.loads(captured.out)
     assert report["sent"] == 4 and report["ok"] == 1
     assert report["errors"] == {"BAD_REQUEST": 1, "FORBIDDEN": 1, "UNKNOWN_METHOD": 1}
+    assert "refused 1 of 4 request(s) (1 FORBIDDEN)" in one_error_line(captured.err)
+
+
+async def test_replay_when_every_request_forbidden_then_exit_1(
+    gw: RunningGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A desk replaying a flow of accounts its token may not trade tested nothing."""
+    assert await riskctl(gw, TRADER_B, "replay", str(EXAMPLE), "--max", "--json") == 1
+    captured = capsys.readouterr()
+    report = orjson.loads(captured.out)
+    assert report["errors"].get("FORBIDDEN", 0) > 0
+    assert "FORBIDDEN" in one_error_line(captured.err)
+
+
+async def test_replay_when_only_bad_requests_and_decisions_then_exit_0(
+    gw: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replay_file = tmp_path / "bad.ndjson"
+    lines = [
+        {"id": 1, "method": "order.validate", "params": {"account": "A1"}, "t": 0},
+        {
+            "id": 2,
+            "method": "order.validate",
+            "params": {
+                "account": "A1",
+                "symbol": "BTC-USD",
+                "side": "buy",
+                "qty": "1",
+                "price": "50000",
+            },
+            "t": 1,
+        },
+    ]
+    replay_file.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    assert await riskctl(gw, TRADER, "replay", str(replay_file), "--json") == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["errors"] == {"BAD_REQUEST": 1} and report["ok"] == 1
+
+
+async def test_emergency_alone_when_run_then_shows_the_state(
+    gw: RunningGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await riskctl(gw, ADMIN, "emergency") == 0
+    assert "NORMAL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "clients.riskctl", "--help"],
+        ["-m", "clients.riskctl", "emergency", "--help"],
+        ["-m", "gateway", "--help"],
+        ["-m", "gateway", "inspect", "{state}"],
+    ],
+)
+def test_command_when_reader_closed_the_pipe_then_no_traceback(
+    argv: list[str], tmp_path: Path
+) -> None:
+    """``| head`` that stopped reading: the command ends quietly."""
+    argv = [arg.replace("{state}", str(tmp_path)) for arg in argv]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert done.returncode in (0, 1, 2), done.stderr.decode()
 
 
 # -------------------------------------------------------------------- record
