@@ -30,6 +30,7 @@ from gateway.core.limits import Limits
 from gateway.net.server import CannotListen, Gateway, running_gateway
 from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
+from protocol.values import format_decimal
 
 log = logging.getLogger("gateway")
 
@@ -287,7 +288,7 @@ def describe_state_dir(state_dir: Path) -> dict[str, Any]:
         1 for book in manager.accounts.values() for sym in book.positions.values() if sym.reported
     )
     report["reservations"] = len(manager.reservations)
-    report["gross_exposure"] = str(manager.gross_exposure)
+    report["gross_exposure"] = format_decimal(manager.gross_exposure)  # as the wire does
     report["limits_version"] = manager.limits_version
     return report
 
@@ -302,6 +303,13 @@ def inspect_command(state_dir: Path, *, as_json: bool) -> int:
     else:
         _print_report(report)
     return 1 if report.get("damage") else 0
+
+
+def _seq_range(first: int | None, last: int | None) -> str:
+    """``seq 3..9``, or ``no records`` (never ``None..None``)."""
+    if first is None or last is None or last < first:
+        return "no records"
+    return f"seq {first}..{last}"
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -326,12 +334,12 @@ def _print_report(report: dict[str, Any]) -> None:
         out("snapshot         none\n")
     for seg in report.get("segments", []):
         out(
-            f"journal segment  {seg['file']} seq {seg['first_seq']}..{seg['last_seq']} "
+            f"journal segment  {seg['file']} {_seq_range(seg['first_seq'], seg['last_seq'])} "
             f"({seg['records']} records, {seg['bytes']} bytes)\n"
         )
     out(
-        f"records          {report.get('records')} (seq {report.get('first_seq')}.."
-        f"{report.get('last_seq')})\n"
+        f"records          {report.get('records')} "
+        f"({_seq_range(report.get('first_seq'), report.get('last_seq'))})\n"
     )
     emergency = report["emergency"]
     out(
