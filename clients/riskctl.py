@@ -395,7 +395,9 @@ def render_emergency(view: dict[str, Any] | None, *, note: str | None = None) ->
     return Panel(text, title="emergency", border_style=border, expand=True)
 
 
-def render_state(state: dict[str, Any]) -> Group:
+def render_state(state: dict[str, Any], width: int | None = None) -> Group:
+    """The STATE object as a table, or, when the table is wider than
+    ``width`` columns, one figure per line: a figure is never cut."""
     table = Table(title="accounts", expand=False)
     for name, justify in (
         ("account", "left"),
@@ -437,9 +439,35 @@ def render_state(state: dict[str, Any]) -> Group:
         f"limits version {state.get('limits_version', '?')}"
     )
     parts: list[RenderableType] = [render_emergency(state.get("emergency"))]
+    if accounts and width is not None:
+        measured = Console(width=10_000).measure(table).maximum
+        if measured > width:
+            parts.append(_stacked_accounts(accounts))
+            parts.append(footer)
+            return Group(*parts)
     parts.append(table if accounts else Text("no accounts", style="dim"))
     parts.append(footer)
     return Group(*parts)
+
+
+def _stacked_accounts(accounts: dict[str, Any]) -> Text:
+    """The accounts one figure per line, for a terminal too narrow for the table."""
+    text = Text()
+    for account, book in sorted(accounts.items()):
+        text.append(f"account {account}", style="bold")
+        if book.get("stale"):
+            text.append("  STALE", style="bold red")
+        text.append("\n")
+        text.append(f"  gross exposure {book.get('gross_exposure', '')}\n")
+        text.append(f"  reserved       {book.get('reserved_exposure', '')}\n")
+        for symbol, pos in sorted((book.get("positions") or {}).items()):
+            qty, mark = _dec(pos.get("qty")), _dec(pos.get("price"))
+            text.append(f"  {symbol}\n", style="bold")
+            text.append(f"    qty      {pos.get('qty', '')}\n")
+            text.append(f"    mark     {pos.get('price', '')}\n")
+            if qty is not None and mark is not None:
+                text.append(f"    notional {_plain(_DISPLAY.multiply(abs(qty), mark))}\n")
+    return text
 
 
 def render_limits(view: dict[str, Any]) -> Table:
@@ -472,7 +500,7 @@ async def _state(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(state)
     else:
-        ctx.out.print(render_state(state))
+        ctx.out.print(render_state(state, ctx.out.width))
     return 0
 
 

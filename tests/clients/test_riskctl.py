@@ -455,3 +455,33 @@ async def test_emergency_when_set_by_riskctl_then_other_connections_get_the_push
     assert await riskctl(gw, ADMIN, "emergency", "halted", "--reason", "drill") == 0
     push = await watcher.next_push("emergency")
     assert push["data"]["mode"] == "halted" and push["data"]["reason"] == "drill"
+
+
+def test_state_when_80_columns_then_no_figure_or_symbol_is_cut() -> None:
+    from rich.console import Console
+
+    from clients.riskctl import render_state
+
+    qty = "1234567890123456.789012345678901"
+    price = "9876543210987654.321098765432109"
+    symbol = "VERY-LONG-SYMBOL-NAME-PERP-2027"
+    state = {
+        "emergency": {"mode": "normal", "reason": "", "actor": "gateway", "version": 0},
+        "accounts": {
+            "DESK-ACCOUNT-0001": {
+                "positions": {symbol: {"qty": qty, "price": price}},
+                "gross_exposure": "12193263113702179522618503273386678859448921",
+                "reserved_exposure": "0",
+                "stale": False,
+            }
+        },
+        "gross_exposure": "12193263113702179522618503273386678859448921",
+        "limits_version": 1,
+    }
+    for width in (80, 200):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(render_state(state, width))
+        text = console.export_text()
+        for figure in (qty, price, symbol, "12193263113702179522618503273386678859448921"):
+            assert any(figure in line for line in text.splitlines()), (width, figure, text)
+        assert "…" not in text
