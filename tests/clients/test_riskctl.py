@@ -485,3 +485,31 @@ def test_state_when_80_columns_then_no_figure_or_symbol_is_cut() -> None:
         for figure in (qty, price, symbol, "12193263113702179522618503273386678859448921"):
             assert any(figure in line for line in text.splitlines()), (width, figure, text)
         assert "…" not in text
+
+
+async def test_client_example_when_run_against_a_gateway_then_every_step_prints(
+    gw: RunningGateway,
+) -> None:
+    """The runnable example of docs/client.md, as a user runs it."""
+    env = {**os.environ, "RISKGW_URL": gw.url, "RISKGW_TOKEN": TRADER}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clients.examples.client_example",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[:5] == [
+        "mode normal",
+        "decision accept []",
+        "reserved accept True",
+        "released True",
+        "error FORBIDDEN",
+    ], out.decode()
+    # Pushes may be coalesced (PROTOCOL section 5): one of the latest values.
+    assert lines[5] in ("exposure push 100000", "exposure push 150000"), out.decode()
