@@ -147,6 +147,10 @@ class TokenStore:
                 found = principal
         return found
 
+    def digests(self) -> dict[str, bytes]:
+        """Name -> digest: what changed between two stores (revoked, rotated)."""
+        return {principal.name: digest for digest, principal in self._entries}
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -187,7 +191,7 @@ def ensure_default_tokens(
     )
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        created = _create_file_atomically(path, _render_tokens(tokens).encode("utf-8"))
+        created = _create_file_atomically(path, render_tokens(tokens).encode("utf-8"))
     except OSError as error:
         raise ConfigError(
             f"{path}: cannot write the tokens file: {error.strerror or error}"
@@ -198,11 +202,10 @@ def ensure_default_tokens(
     return tokens, plain
 
 
-def _render_tokens(tokens: Sequence[TokenConfig]) -> str:
+def render_tokens(tokens: Sequence[TokenConfig]) -> str:
     lines = [
-        "# Tokens of this gateway: SHA-256 digests only. The tokens themselves were",
-        "# printed once when this file was made. To get new ones, delete this file",
-        "# and restart the gateway.",
+        "# Tokens of this gateway: SHA-256 digests only; each token was printed once.",
+        "# Change them with `risk-gateway tokens list|add|rotate|revoke` and SIGHUP.",
     ]
     for token in tokens:
         lines += ["", "[[tokens]]", f'name = "{token.name}"', f'role = "{token.role.value}"']

@@ -15,11 +15,13 @@ from typing import Any
 
 import orjson
 
+from gateway import tokenfile
 from gateway.auth import TokenStore, ensure_default_tokens
 from gateway.cluster.member import ClusterStartError
 from gateway.config import (
     ConfigError,
     GatewayConfig,
+    PersistenceConfig,
     load_config,
     unapplied_changes,
     with_overrides,
@@ -27,7 +29,7 @@ from gateway.config import (
 from gateway.core.context import install_risk_context
 from gateway.core.engine import RiskEngine
 from gateway.core.limits import Limits
-from gateway.net.server import CannotListen, Gateway, running_gateway
+from gateway.net.server import CannotListen, Gateway, replace_tokens, running_gateway
 from gateway.persistence import PersistenceError, StateDirLocked, inspect_state_dir, rebuild
 from gateway.rules import Rule, load_rules
 from protocol.values import format_decimal
@@ -86,7 +88,55 @@ def _parser() -> argparse.ArgumentParser:
     record.add_argument(
         "--decisions", type=Path, help="also write the recorded decisions (for riskctl --expect)"
     )
+    tokens = sub.add_parser(
+        "tokens", help="list, add, rotate or revoke the state directory's tokens (then SIGHUP)"
+    )
+    tokens.add_argument(
+        "--state-dir", type=Path, default=PersistenceConfig().state_dir, help="state directory"
+    )
+    actions = tokens.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="name, role and accounts of every token")
+    add = actions.add_parser("add", help="a new token (printed once)")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, help="admin, viewer, feed or trader")
+    add.add_argument("--accounts", default="", help='a trader\'s accounts: A1,A2 or "*"')
+    rotate = actions.add_parser("rotate", help="a new token for NAME (printed once)")
+    rotate.add_argument("name")
+    revoke = actions.add_parser("revoke", help="remove NAME's token")
+    revoke.add_argument("name")
     return parser
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    """``risk-gateway tokens``: 0 done, 2 refused (one line naming why)."""
+    state_dir: Path = args.state_dir
+    try:
+        if args.action == "list":
+            for token in tokenfile.load(state_dir):
+                reach = ",".join(token.accounts) or "-"
+                print(f"{token.name}\t{token.role.value}\t{reach}")
+            return 0
+        if args.action == "add":
+            accounts = [a.strip() for a in args.accounts.split(",") if a.strip()]
+            plain = tokenfile.add(state_dir, args.name, args.role, accounts)
+        elif args.action == "rotate":
+            plain = tokenfile.rotate(state_dir, args.name)
+        else:
+            tokenfile.revoke(state_dir, args.name)
+            print(f"revoked {args.name}; send SIGHUP to the running gateway to apply it")
+            return 0
+    except tokenfile.TokenFileError as exc:
+        print(f"risk-gateway: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"risk-gateway: {state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name} {plain}")
+    print(
+        "shown once: only its SHA-256 is stored; send SIGHUP to the running gateway to apply it",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +161,8 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "tokens":
+        return tokens_command(args)
     if args.command == "inspect":
         return inspect_command(args.state_dir, as_json=args.json)
     if args.command == "replay":
@@ -241,9 +293,29 @@ def _why(error: BaseException, state_dir: Path) -> str:
     return str(error)
 
 
+async def _reload_tokens(gateway: Gateway, state_dir: Path) -> None:
+    try:
+        store = TokenStore(tokenfile.load(state_dir))
+    except (tokenfile.TokenFileError, ValueError) as exc:
+        log.error("SIGHUP: keeping the current tokens: %s", exc)
+        return
+    closed = await replace_tokens(gateway, store)
+    log.warning(
+        "SIGHUP: %d token(s) from %s in force; %d connection(s) of revoked or rotated "
+        "tokens closed",
+        len(store),
+        tokenfile.path_of(state_dir),
+        closed,
+    )
+
+
 async def _reload(gateway: Gateway, config: GatewayConfig, overrides: dict[str, Any]) -> None:
     """SIGHUP: apply the keys of the file's [limits] that changed; name every
-    other changed key, which only a restart applies; never fail silently."""
+    other changed key, which only a restart applies; never fail silently.
+    Without ``[[tokens]]`` in the config, the state directory's tokens file is
+    read again too (``risk-gateway tokens``)."""
+    if not config.tokens:
+        await _reload_tokens(gateway, config.persistence.state_dir)
     if config.source is None:
         log.warning("SIGHUP: no config file to re-read")
         return

@@ -517,6 +517,25 @@ async def close(ws: ServerConnection, code: int, reason: str) -> None:
         wsio.abort(ws)
 
 
+async def replace_tokens(gateway: Gateway, tokens: TokenStore) -> int:
+    """Accept ``tokens`` from now on; close with 4001 every connection whose
+    token was revoked or rotated. Returns how many were closed."""
+    before = gateway.service.tokens.digests()
+    after = tokens.digests()
+    gateway.service.tokens = tokens
+    gone = [
+        session
+        for session in list(gateway.sessions.values())
+        if session.principal is not None
+        and after.get(session.principal.name) != before.get(session.principal.name)
+    ]
+    await asyncio.gather(
+        *(close(s.ws, CloseCode.AUTH_FAILED, "token revoked") for s in gone),
+        return_exceptions=True,
+    )
+    return len(gone)
+
+
 async def join_cluster(
     config: ClusterConfig, service: RiskService, tasks: asyncio.TaskGroup
 ) -> ClusterMember:
