@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -46,6 +47,8 @@ from gateway.core.limits import (
 from protocol.codes import Role
 from protocol.errors import ProtocolError
 from protocol.values import ZERO, parse_decimal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 __all__ = [
     "ClusterConfig",
@@ -98,6 +101,9 @@ class ServerConfig:
     #: Origins allowed besides the gateway's own ``http://HOST:PORT``, which the
     #: server always allows.
     allowed_origins: tuple[str, ...] = ()
+    #: Proxies (addresses or networks) whose ``X-Forwarded-For`` names the
+    #: client, for the per-IP cap and the logs; the header is ignored from others.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -293,6 +299,7 @@ _SERVER_KEYS: Final = frozenset(_SERVER_INT_RANGES) | {
     "auth_timeout_s",
     "heartbeat_s",
     "allowed_origins",
+    "trusted_proxies",
 }
 # What a browser sends in Origin: scheme://host[:port], never a path or a
 # trailing slash. An entry with one would silently never match.
@@ -312,6 +319,20 @@ def _parse_server(value: object, where: str) -> ServerConfig:
             values[key] = _host(item, key_where)
         elif key in ("auth_timeout_s", "heartbeat_s"):
             values[key] = _seconds(item, key_where)
+        elif key == "trusted_proxies":
+            networks = []
+            for index, entry in enumerate(_array(item, key_where)):
+                try:
+                    networks.append(ipaddress.ip_network(str(entry), strict=False))
+                except ValueError:
+                    raise _expected(
+                        f"{key_where}[{index}]",
+                        'an IP address or network like "10.0.0.5" or "10.0.0.0/24"',
+                        entry,
+                    ) from None
+                if not isinstance(entry, str):
+                    raise _expected(f"{key_where}[{index}]", "a string", entry)
+            values[key] = tuple(networks)
         else:  # "allowed_origins"
             origins = []
             for index, origin in enumerate(_array(item, key_where)):

@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
@@ -33,7 +35,7 @@ from gateway import metrics
 from gateway.auth import Principal, TokenStore
 from gateway.cluster.member import ClusterMember, ClusterStartError
 from gateway.cluster.shared import SharedStateError
-from gateway.config import ClusterConfig, GatewayConfig
+from gateway.config import ClusterConfig, GatewayConfig, IPNetwork
 from gateway.core.engine import RiskEngine
 from gateway.core.reservations import random_reservation_id
 from gateway.core.rules import Rule
@@ -281,7 +283,7 @@ class Gateway:
         if path != WS_PATH:
             return await routes.respond(self, connection, path)
         origin = request.headers.get("Origin")
-        peer = peer_host(connection)
+        peer = client_host(connection, self.config.server.trusted_proxies, request.headers)
         if origin is not None and origin not in self._allowed_origins():
             metrics.AUTH_FAILURES.labels(reason="origin").inc()
             log.warning("refused handshake from %s: origin %r not allowed", peer, origin[:100])
@@ -329,7 +331,7 @@ class Gateway:
         assert isinstance(ws, GatewayConnection)
         conn_id = self._next_conn
         self._next_conn += 1
-        peer = peer_host(ws)
+        peer = client_host(ws, self.config.server.trusted_proxies)
         server_cfg = self.config.server
         async with asyncio.TaskGroup() as tasks:
             outbox = Outbox(
@@ -498,6 +500,38 @@ class Gateway:
             metrics.count_request(method, "ok")
             self._authenticated(session, outcome.principal)
             await session.drained()
+
+
+def client_host(
+    connection: ServerConnection, trusted: Sequence[IPNetwork], headers: Headers | None = None
+) -> str:
+    """The client's address: the TCP peer, or, when the peer is a trusted
+    proxy, the right-most address of ``X-Forwarded-For`` that is not itself a
+    trusted proxy (left-most entries are the client's own claims, which it
+    could forge). A malformed header is ignored: the peer is the answer."""
+    peer = peer_host(connection)
+    if headers is None and connection.request is not None:
+        headers = connection.request.headers
+    if not trusted or headers is None or not _trusted(peer, trusted):
+        return peer
+    hops = ",".join(headers.get_all("X-Forwarded-For")).split(",")
+    for hop in reversed(hops):
+        text = hop.strip()
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            return peer
+        if not _trusted(text, trusted):
+            return text
+    return peer
+
+
+def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 def peer_host(connection: ServerConnection) -> str:
