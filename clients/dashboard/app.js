@@ -786,6 +786,17 @@
     return a ? a.mode : "normal";
   }
 
+  // What binds the account's orders: the stricter of the gateway's mode and
+  // its own (a halted gateway halts an account whose own mode is normal).
+  const STRICTNESS = { normal: 0, reducing: 1, halted: 2 };
+
+  function effectiveMode(name) {
+    const own = accountMode(name);
+    const e = st.emergency;
+    const gateway = e && e.mode in STRICTNESS ? e.mode : "normal";
+    return (STRICTNESS[own] ?? 0) >= STRICTNESS[gateway] ? own : gateway;
+  }
+
   function barLevel(r) {
     if (r === null) return "";
     if (r > 1) return "level-over";
@@ -817,7 +828,7 @@
       el("span", { className: "bar-fill" }),
     );
     const cells = {
-      mode: el("span", { className: "badge" }),
+      mode: el("span", { className: "badge", dataset: { testid: "exposure-mode" } }),
       gross: el("td", { className: "num", dataset: { testid: "exposure-gross" } }),
       limit: el("td", { className: "num muted", dataset: { testid: "exposure-limit" } }),
       bar,
@@ -860,8 +871,10 @@
         exposureRows.set(name, cells);
       }
       const r = ratio(entry.gross, entry.limit);
-      const mode = accountMode(name);
+      const mode = effectiveMode(name);
       cells.mode.className = `badge mode-${mode}`;
+      cells.mode.dataset.mode = mode;
+      cells.mode.title = `account ${accountMode(name)}, gateway ${st.emergency ? st.emergency.mode : "?"}`;
       setText(cells.mode, mode);
       setText(cells.gross, fmtDecimal(entry.gross));
       setText(cells.limit, fmtDecimal(entry.limit));

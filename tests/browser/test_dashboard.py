@@ -621,3 +621,25 @@ if __name__ == "__main__":
         sys.exit(f"{CHROMIUM} is missing")
     asyncio.run(make_screenshot())
     print(f"wrote {SCREENSHOT}")
+
+
+async def test_exposure_table_shows_the_effective_mode(make_gateway: Any, page: Page) -> None:
+    """The gateway's halted wins over an account's normal; an account's own
+    stricter mode wins over a looser gateway mode."""
+    gw = await make_gateway()
+    await sign_in(page, gw, ADMIN)
+    trader = await gw.client(TRADER)
+    await trader.ok(
+        "position.update", {"account": "A1", "symbol": "BTC-USD", "qty": "1", "price": "50000"}
+    )
+    mode = page.locator("[data-testid=exposure-row][data-account=A1]").get_by_test_id(
+        "exposure-mode"
+    )
+    await expect(mode).to_have_text("normal")
+    admin = await gw.client(ADMIN)
+    await admin.ok("emergency.set", {"mode": "halted", "reason": "venue down"})
+    await expect(mode).to_have_text("halted", timeout=2000)
+    await admin.ok("emergency.set", {"mode": "reducing", "reason": "desk", "account": "A1"})
+    await expect(mode).to_have_text("halted")  # the gateway's halt is stricter
+    await admin.ok("emergency.set", {"mode": "normal", "reason": "venue back"})
+    await expect(mode).to_have_text("reducing", timeout=2000)
