@@ -643,3 +643,60 @@ async def test_exposure_table_shows_the_effective_mode(make_gateway: Any, page: 
     await expect(mode).to_have_text("halted")  # the gateway's halt is stricter
     await admin.ok("emergency.set", {"mode": "normal", "reason": "venue back"})
     await expect(mode).to_have_text("reducing", timeout=2000)
+
+
+async def _busy_gateway(make_gateway: Any) -> RunningGateway:
+    """A gateway with many alerts and decisions, and a long reason."""
+    gw = await make_gateway()
+    admin = await gw.client(ADMIN)
+    trader = await gw.client(TRADER)
+    for n in range(40):
+        mode = "halted" if n % 2 == 0 else "normal"
+        await admin.ok("emergency.set", {"mode": mode, "reason": f"drill number {n}"})
+    order = {"account": "A1", "symbol": "BTC-USD", "side": "buy", "price": "50000"}
+    for n in range(120):
+        await trader.ok("order.validate", {**order, "qty": "1" if n % 3 else "999999999"})
+    await admin.ok(
+        "emergency.set",
+        {"mode": "halted", "reason": "exchange outage on every venue " * 4, "account": None},
+    )
+    return gw
+
+
+@pytest.mark.parametrize("viewport", [(1400, 900), (390, 844)])
+async def test_the_page_fits_the_screen(
+    make_gateway: Any, browser: Browser, viewport: tuple[int, int], tmp_path: Path
+) -> None:
+    """One screen tall at 1400x900 (lists scroll inside their panels); nothing
+    wider than a phone at 390 px, the banner's text inside it."""
+    gw = await _busy_gateway(make_gateway)
+    width, height = viewport
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    page = await context.new_page()
+    try:
+        await sign_in(page, gw, ADMIN)
+        await expect(page.get_by_test_id("alerts-list").locator("li")).not_to_have_count(0)
+        await expect(page.get_by_test_id("decisions-list").locator("tr")).not_to_have_count(0)
+        sizes = await page.evaluate(
+            """() => {
+                const root = document.documentElement;
+                const banner = document.querySelector('[data-testid=emergency-banner]');
+                const overflowing = [...banner.querySelectorAll('*')].filter(
+                    e => e.scrollWidth > e.clientWidth + 1
+                        && getComputedStyle(e).overflowX !== 'hidden'
+                ).map(e => e.id || e.className);
+                return {scrollWidth: root.scrollWidth, innerWidth: window.innerWidth,
+                        scrollHeight: root.scrollHeight, overflowing,
+                        bannerWidth: banner.scrollWidth, bannerBox: banner.clientWidth};
+            }"""
+        )
+        assert sizes["scrollWidth"] <= sizes["innerWidth"], sizes
+        assert sizes["bannerWidth"] <= sizes["bannerBox"] + 1 and not sizes["overflowing"], sizes
+        if width >= 1400:
+            assert sizes["scrollHeight"] <= height, sizes
+        # DASHBOARD_SHOTS=docs keeps the screenshots (docs/dashboard-*.png).
+        shots = Path(os.environ.get("DASHBOARD_SHOTS", tmp_path))
+        name = f"dashboard-{width}x{height}.png"
+        await page.screenshot(path=str(shots / name), full_page=width < 1400)
+    finally:
+        await context.close()
