@@ -521,10 +521,12 @@
       }
       st.exposure = { accounts, global: data.global ?? null, global_limit: data.global_limit ?? null };
       renderExposure();
+      window.RiskCharts.exposure(st.exposure);
     } else if (ch === "decisions") {
       const list = Array.isArray(data.decisions) ? data.decisions.slice() : [];
       st.decisions = list.reverse().slice(0, MAX_DECISIONS);
       renderDecisions();
+      for (const d of list) window.RiskCharts.decision(d);
     }
   }
 
@@ -542,10 +544,12 @@
       if (data.global !== undefined) st.exposure.global = data.global;
       if (data.global_limit !== undefined) st.exposure.global_limit = data.global_limit;
       renderExposure();
+      window.RiskCharts.exposure(st.exposure);
     } else if (ch === "decisions") {
       st.decisions.unshift(data);
       st.decisions.length = Math.min(st.decisions.length, MAX_DECISIONS);
       renderDecisions();
+      window.RiskCharts.decision(data);
     }
   }
 
@@ -1185,6 +1189,10 @@
     $("alert-filter").addEventListener("change", () => renderAlerts(0));
     syncModeForm();
     setInterval(tick, 500);
+    setInterval(() => {
+      if (st.exposure) window.RiskCharts.exposure(st.exposure);
+      window.RiskCharts.redraw();
+    }, 1000);
     setInterval(refreshCluster, CLUSTER_REFRESH_MS);
 
     let saved = null;

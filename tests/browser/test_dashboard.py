@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -694,9 +695,33 @@ async def test_the_page_fits_the_screen(
         assert sizes["bannerWidth"] <= sizes["bannerBox"] + 1 and not sizes["overflowing"], sizes
         if width >= 1400:
             assert sizes["scrollHeight"] <= height, sizes
+        await page.wait_for_function("() => window.RiskCharts.summary().drawn >= 2")
         # DASHBOARD_SHOTS=docs keeps the screenshots (docs/dashboard-*.png).
         shots = Path(os.environ.get("DASHBOARD_SHOTS", tmp_path))
         name = f"dashboard-{width}x{height}.png"
         await page.screenshot(path=str(shots / name), full_page=width < 1400)
     finally:
         await context.close()
+
+
+async def test_charts_plot_exposure_utilisation_and_decisions(
+    make_gateway: Any, page: Page
+) -> None:
+    gw = await make_gateway(limits={"max_exposure": "1000000", "max_account_exposure": "400000"})
+    await sign_in(page, gw, ADMIN)
+    trader = await gw.client(TRADER)
+    await trader.ok(
+        "position.update", {"account": "A1", "symbol": "BTC-USD", "qty": "2", "price": "50000"}
+    )
+    order = {"account": "A1", "symbol": "BTC-USD", "side": "buy", "price": "50000"}
+    for n in range(6):
+        await trader.ok("order.validate", {**order, "qty": "1" if n % 2 else "999999999"})
+    await expect(page.locator("#charts-panel .uplot canvas")).to_have_count(3, timeout=5000)
+    summary = await page.evaluate("() => window.RiskCharts.summary()")
+    assert summary["accounts"] == ["A1"] and summary["exposurePoints"] >= 1, summary
+    assert summary["accepts"] == 3 and summary["rejects"] == 3, summary
+    reason = page.locator("[data-testid=top-reason]").first
+    await expect(reason).to_have_attribute("data-code", re.compile(r"MAX_\w+"))
+    # The vendored library is served by the gateway itself (no CDN).
+    scripts = await page.evaluate("() => [...document.scripts].map(s => new URL(s.src).host)")
+    assert set(scripts) == {gw.url.split("/")[2]}
