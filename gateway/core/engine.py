@@ -30,6 +30,7 @@ from gateway.core.book import AccountBook
 from gateway.core.context import exact, own_context
 from gateway.core.controls import Controls
 from gateway.core.events import Decision, Event
+from gateway.core.history import History
 from gateway.core.limits import LimitChange, Limits
 from gateway.core.modes import ModeState
 from gateway.core.records import (
@@ -42,9 +43,10 @@ from gateway.core.records import (
 from gateway.core.reservations import Reservation, random_reservation_id
 from gateway.core.rules import DEFAULT_RULES, Rule
 from gateway.core.sharing import Sharing
-from gateway.core.state import RiskState
+from gateway.core.state import RiskState, load_state_snapshot, state_snapshot
 from gateway.core.trading import Trading
 from gateway.core.views import (
+    AlertView,
     EmergencyView,
     ExposureView,
     LimitsView,
@@ -104,8 +106,7 @@ class RiskEngine:
         self.sharing = Sharing(state, self._controls, self._trading)
 
     def reset_state(self, limits: Limits, now_ms: int) -> None:
-        """Forget every state: as constructed at ``now_ms`` with ``limits`` as
-        version 1 (recovery starts over when what it read cannot be applied)."""
+        """As constructed at ``now_ms`` with ``limits`` (recovery starting over)."""
         self._state.reset(limits, now_ms)
 
     # ------------------------------------------------------------ reads
@@ -153,9 +154,13 @@ class RiskEngine:
         """``gross_exposure`` plus what engines sharing the limit published."""
         return self._state.book.global_gross
 
+    @property
+    def history(self) -> History:
+        """The last alerts and decisions (read them; the engine adds to them)."""
+        return self._state.history
+
     def use_limits(self, limits: Limits) -> None:
-        """Validate against ``limits`` from now on, without a record, a version
-        or an alert: for an offline what-if over recorded history."""
+        """Validate against ``limits``, unrecorded and unversioned (what-if)."""
         self._state.in_force.use(limits)
 
     def limits_view(self) -> LimitsView:
@@ -243,11 +248,13 @@ class RiskEngine:
         for_traders: bool = True,
     ) -> None:
         """Queue an alert raised outside the engine (by the server or the store).
-
         ``account``: the account it is about (traders of other accounts never
-        see it); ``for_traders`` False: about a connection, for staff only.
-        """
+        see it); ``for_traders`` False: about a connection, for staff only."""
         self._state.alert(level, code, message, now_ms, account, for_traders=for_traders)
+
+    def note_alert(self, alert: AlertView, now_ms: int, *, for_traders: bool) -> None:
+        """Keep and journal an alert already published (the fan-out's own)."""
+        self._state.note_alert(alert, now_ms, for_traders)
 
     # ------------------------------------------------- emergency and limits
 
@@ -439,13 +446,9 @@ class RiskEngine:
 
     @exact
     def replay(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Apply recovered records without alerts, events or new records;
-        returns how many.
-
-        Raises ``RecordNotApplied`` when one cannot be applied (a record this
-        engine did not write); the state is then undefined: ``reset_state``
-        and start over (the store does, and finds which).
-        """
+        """Apply recovered records without events or new records; returns how
+        many. Raises ``RecordNotApplied`` when one cannot be applied (one this
+        engine did not write); the state is then undefined: ``reset_state``."""
         try:
             return self._state.replay(records)
         except Exception as exc:
@@ -453,10 +456,8 @@ class RiskEngine:
 
     @exact
     def snapshot(self) -> dict[str, Any]:
-        """The whole durable state as one document that ``load_snapshot``
-        reads: fresh containers with immutable leaves (str, int, ``Decimal``),
-        which the journal may encode in another thread."""
-        return self._state.snapshot()
+        """The whole durable state as one document (``state_snapshot``)."""
+        return state_snapshot(self._state)
 
     @exact
     def load_snapshot(self, snap: Mapping[str, Any]) -> None:
@@ -466,6 +467,6 @@ class RiskEngine:
         engine did not write); the state is then undefined (``reset_state``).
         """
         try:
-            self._state.load_snapshot(snap)
+            load_state_snapshot(self._state, snap)
         except Exception as exc:
             raise RecordNotApplied(exc) from exc

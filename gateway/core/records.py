@@ -9,11 +9,14 @@ type names its keys. Record types:
 ``pos``    a position update (``rel``: the reservation its fill replaces)
 ``psnap``  every position of one account
 ``px``     a reference price
-``dec``    a validation's decision (``rid``: the reservation it made)
+``dec``    a validation's decision (``rid``: the reservation it made; ``m``:
+           the reasons' messages, when rejected)
 ``rel``    a reservation released (``why``: released, expired, disconnect, ...)
 ``emg``    an emergency mode change (``a`` None: gateway-wide)
 ``lim``    a limits change (``file``: the config file's limits it came from)
 ``cod``    cancel-on-disconnect set or cleared for live reservations
+``alr``    an alert that no other record implies (an emergency or limits
+           change, or a position seq gap, raises its alert again in replay)
 ``crd``    the share of a shared max_exposure granted to this engine (a
            cluster member's credit: ``u`` units of ``CREDIT_UNIT``, ``seq``)
 ``boot``   written by earlier versions; applies as nothing
@@ -27,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
 RECORD_TYPES: Final = frozenset(
-    {"pos", "psnap", "px", "dec", "rel", "emg", "lim", "cod", "crd", "boot"}
+    {"pos", "psnap", "px", "dec", "rel", "emg", "lim", "cod", "alr", "crd", "boot"}
 )
 #: Record types published only once durable (see ``gateway.core.modes``).
 STAGED_TYPES: Final = frozenset({"emg", "lim"})
@@ -71,14 +74,35 @@ class DecisionRecord(TypedDict):
     #: The codes of the failed checks.
     r: list[str]
     ts: int
+    #: The versions of the EMERGENCY document and of the limits it was made
+    #: under (always written since the decisions history; before, only with
+    #: a reservation).
+    ev: NotRequired[int]
+    lv: NotRequired[int]
+    #: Their messages, in the same order (only when rejected).
+    m: NotRequired[list[str]]
+    #: The DECISION's exposure figures: the account's and the gateway's
+    #: gross (their limits are those of version ``lv``).
+    x: NotRequired[list[str]]
     reserve: NotRequired[bool]
     coid: NotRequired[str]
     rid: NotRequired[str]
-    #: The reservation's expiry (ms) and the versions it was made under.
+    #: The reservation's expiry (ms).
     exp: NotRequired[int]
-    ev: NotRequired[int]
-    lv: NotRequired[int]
     cod: NotRequired[bool]
+
+
+class AlertRecord(TypedDict):
+    t: Literal["alr"]
+    #: Level, code and message, as on the wire.
+    lvl: str
+    c: str
+    m: str
+    ts: int
+    a: NotRequired[str]
+    s: NotRequired[str]
+    #: About a connection: staff only, never shown to a trader.
+    staff: NotRequired[bool]
 
 
 class CreditRecord(TypedDict):
@@ -131,6 +155,7 @@ Record = (
     | EmergencyRecord
     | LimitsRecord
     | CancelOnDisconnectRecord
+    | AlertRecord
     | CreditRecord
 )
 StagedRecord = EmergencyRecord | LimitsRecord

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from gateway.core.book import Book, SymbolBook
 from gateway.core.events import AlertRaised, Decision, Event, ExposureChanged, ModeChanged
+from gateway.core.history import History, alert_from_record, alert_record
 from gateway.core.limits import Limits, LimitsInForce
 from gateway.core.modes import GATEWAY_ACTOR, Modes, ModeState, Staging, alert_level
 from gateway.core.records import (
@@ -36,7 +37,7 @@ from gateway.core.reservations import (
     decision_from_snapshot,
 )
 from gateway.core.share import LimitShare
-from gateway.core.views import EmergencyView, alert_view, emergency_view
+from gateway.core.views import AlertView, EmergencyView, alert_view, emergency_view
 from protocol.codes import AlertCode, AlertLevel, Mode
 from protocol.values import format_decimal as fmt
 
@@ -52,6 +53,7 @@ class RiskState:
         "credit",
         "deferred",
         "events",
+        "history",
         "in_force",
         "modes",
         "records",
@@ -87,6 +89,8 @@ class RiskState:
         #: The last ``crd`` record: the share of a shared limit this engine
         #: was granted (``gateway.core.share``), None when it never was.
         self.credit: CreditRecord | None = None
+        #: The last alerts and decisions (``gateway.core.history``).
+        self.history = History()
 
     # ----------------------------------------------------------- outputs
 
@@ -103,10 +107,28 @@ class RiskState:
         account: str | None = None,
         symbol: str | None = None,
         for_traders: bool = True,
+        *,
+        implied: bool = False,
     ) -> None:
-        if not self.replaying:
-            alert = alert_view(level.value, code.value, message, now_ms, account, symbol)
-            self.events.append(AlertRaised(alert, for_traders))
+        """Raise an alert: kept in the history, and when live published and
+        journaled. ``implied``: raised by applying a record, which replay
+        applies again (so it raises the alert into the history again, and
+        the alert needs no ``alr`` record of its own)."""
+        if self.replaying and not implied:
+            return
+        alert = alert_view(level.value, code.value, message, now_ms, account, symbol)
+        self.history.add_alert(alert, for_traders)
+        if self.replaying:
+            return
+        self.events.append(AlertRaised(alert, for_traders))
+        if not implied:
+            self.records.append(alert_record(alert, now_ms, for_traders))
+
+    def note_alert(self, alert: AlertView, now_ms: int, for_traders: bool) -> None:
+        """Keep and journal an alert published by someone else (the fan-out's
+        slow-consumer alert); no event."""
+        self.history.add_alert(alert, for_traders)
+        self.records.append(alert_record(alert, now_ms, for_traders))
 
     def emergency_view(self) -> EmergencyView:
         view = self.view
@@ -129,6 +151,12 @@ class RiskState:
             self.record(cast(Record, dict(rec)))
         elif kind == "dec":
             self.apply_decision(rec)
+            if self.replaying:
+                self.history.add_decision_record(rec, self.in_force.texts)
+        elif kind == "alr":
+            alert, for_traders = alert_from_record(rec)
+            self.history.add_alert(alert, for_traders)
+            self.record(cast(Record, dict(rec)))
         elif kind == "crd":
             self.credit = cast(CreditRecord, dict(rec))
             self.record(self.credit)
@@ -170,6 +198,7 @@ class RiskState:
                     rec["ts"],
                     account,
                     rec["s"],
+                    implied=True,
                 )
             book.seq = seq
         release = rec.get("rel")
@@ -260,15 +289,16 @@ class RiskState:
         self.view = None
         self.modes.enforce(self.staging.emergencies())
         self.record(cast(EmergencyRecord, dict(rec)))
-        if self.replaying:
-            return
-        self.events.append(ModeChanged(self.emergency_view(), account, state.actor))
+        if not self.replaying:
+            self.events.append(ModeChanged(self.emergency_view(), account, state.actor))
+        if rec["v"] == 0:
+            return  # the initial mode of a new state directory: no change
         scope = "gateway" if account is None else f"account {account}"
         text = f"{scope} {previous.value} -> {state.mode.value} by {state.actor}"
         if state.reason:
             text += f": {state.reason}"
         level = alert_level(previous, state.mode)
-        self.alert(level, AlertCode.EMERGENCY_CHANGED, text, state.since_ms, account)
+        self.alert(level, AlertCode.EMERGENCY_CHANGED, text, state.since_ms, account, implied=True)
 
     def apply_limits(self, rec: Mapping[str, Any]) -> None:
         in_force = self.in_force
@@ -278,13 +308,16 @@ class RiskState:
         if "file" in rec:
             in_force.file = rec["file"]
         self.record(cast(LimitsRecord, dict(rec)))
-        if not self.replaying and changed:
-            self.alert(
-                AlertLevel.WARNING,
-                AlertCode.LIMITS_CHANGED,
-                f"limits changed to version {in_force.version} by {rec['by']}",
-                rec["at"],
-            )
+        if not changed:
+            return
+        self.alert(
+            AlertLevel.WARNING,
+            AlertCode.LIMITS_CHANGED,
+            f"limits changed to version {in_force.version} by {rec['by']}",
+            rec["at"],
+            implied=True,
+        )
+        if not self.replaying:
             for account in self.book.accounts:
                 self.events.append(ExposureChanged(account))
             self.check_thresholds(None, rec["at"], allow_auto_reduce=False)
@@ -364,69 +397,74 @@ class RiskState:
             self.replaying = False
         return count
 
-    # ---------------------------------------------------------- snapshots
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole durable state as one document that ``load_snapshot`` reads.
+# ------------------------------------------------------------ snapshots
 
-        Built on the event loop, so it only collects: fresh containers with
-        immutable leaves (str, int, ``Decimal``), which the journal encodes in
-        its writer thread (``Decimal`` as ``str``, exactly).
-        """
-        modes = self.modes
-        return {
-            "format": 1,
-            "limits": self.in_force.limits.to_wire(),
-            "limits_version": self.in_force.version,
-            "file_limits": self.in_force.file,
-            "emergency": {
-                "gateway": _mode_record(modes.gateway),
-                "accounts": {a: _mode_record(s) for a, s in modes.accounts.items()},
-                "version": modes.version,
-            },
-            "accounts": self.book.snapshot_accounts(),
-            "prices": dict(self.book.reference_prices),
-            "reservations": [r.to_snapshot() for r in self.reservations.live.values()],
-            "credit": None if self.credit is None else dict(self.credit),
-            # Staged changes: in the journal up to the snapshot's seq (or about
-            # to be), not yet published. Loading the snapshot publishes them,
-            # so a snapshot taken while one waits for its fsync still holds it.
-            "pending": list(self.staging),
-        }
 
-    def load_snapshot(self, snap: Mapping[str, Any]) -> None:
-        """Replace the whole state with a ``snapshot()`` document. What it
-        raises propagates (the state is then undefined)."""
-        in_force = self.in_force
-        in_force.use(Limits.from_mapping(snap["limits"], where="snapshot limits"))
-        in_force.version = snap["limits_version"]
-        in_force.file = snap.get("file_limits")
-        emergency = snap["emergency"]
-        modes = self.modes
-        modes.gateway = ModeState.from_record(emergency["gateway"])
-        modes.accounts = {a: ModeState.from_record(s) for a, s in emergency["accounts"].items()}
-        modes.version = emergency["version"]
-        self.view = None
-        self.book.load(snap["accounts"], snap["prices"])
-        credit = snap.get("credit")
-        self.credit = None if credit is None else cast(CreditRecord, dict(credit))
-        self.reservations.clear()
-        self.replaying = True
-        try:
-            for r in snap["reservations"]:
-                rec = dict(r)
-                decision = decision_from_snapshot(rec.pop("decision"))
-                self.apply_decision(rec, decision)
-        finally:
-            self.replaying = False
-        self.staging.clear()
-        self.modes.enforce(self.staging.emergencies())
-        self.replaying = True
-        try:
-            for rec in snap.get("pending", ()):
-                self.apply(rec)
-        finally:
-            self.replaying = False
+def state_snapshot(state: RiskState) -> dict[str, Any]:
+    """The whole durable state as one document that ``load_state_snapshot`` reads.
+
+    Built on the event loop, so it only collects: fresh containers with
+    immutable leaves (str, int, ``Decimal``), which the journal encodes in
+    its writer thread (``Decimal`` as ``str``, exactly).
+    """
+    modes = state.modes
+    return {
+        "format": 1,
+        "limits": state.in_force.limits.to_wire(),
+        "limits_version": state.in_force.version,
+        "file_limits": state.in_force.file,
+        "emergency": {
+            "gateway": _mode_record(modes.gateway),
+            "accounts": {a: _mode_record(s) for a, s in modes.accounts.items()},
+            "version": modes.version,
+        },
+        "accounts": state.book.snapshot_accounts(),
+        "prices": dict(state.book.reference_prices),
+        "reservations": [r.to_snapshot() for r in state.reservations.live.values()],
+        "credit": None if state.credit is None else dict(state.credit),
+        "history": state.history.snapshot(),
+        # Staged changes: in the journal up to the snapshot's seq (or about
+        # to be), not yet published. Loading the snapshot publishes them,
+        # so a snapshot taken while one waits for its fsync still holds it.
+        "pending": list(state.staging),
+    }
+
+
+def load_state_snapshot(state: RiskState, snap: Mapping[str, Any]) -> None:
+    """Replace the whole state with a ``state_snapshot`` document. What it
+    raises propagates (the state is then undefined)."""
+    in_force = state.in_force
+    in_force.use(Limits.from_mapping(snap["limits"], where="snapshot limits"))
+    in_force.version = snap["limits_version"]
+    in_force.file = snap.get("file_limits")
+    emergency = snap["emergency"]
+    modes = state.modes
+    modes.gateway = ModeState.from_record(emergency["gateway"])
+    modes.accounts = {a: ModeState.from_record(s) for a, s in emergency["accounts"].items()}
+    modes.version = emergency["version"]
+    state.view = None
+    state.book.load(snap["accounts"], snap["prices"])
+    credit = snap.get("credit")
+    state.credit = None if credit is None else cast(CreditRecord, dict(credit))
+    state.history.load(snap.get("history"))
+    state.reservations.clear()
+    state.replaying = True
+    try:
+        for r in snap["reservations"]:
+            rec = dict(r)
+            decision = decision_from_snapshot(rec.pop("decision"))
+            state.apply_decision(rec, decision)
+    finally:
+        state.replaying = False
+    state.staging.clear()
+    state.modes.enforce(state.staging.emergencies())
+    state.replaying = True
+    try:
+        for rec in snap.get("pending", ()):
+            state.apply(rec)
+    finally:
+        state.replaying = False
 
 
 def _mode_record(state: ModeState) -> dict[str, Any]:

@@ -318,7 +318,11 @@ class Trading:
             "d": verdict,
             "r": [r["code"] for r in reasons] if reasons else [],
             "ts": now_ms,
+            "ev": modes.version,
+            "lv": state.in_force.version,
         }
+        if reasons:
+            rec["m"] = [r["message"] for r in reasons]
         reservation_id: str | None = None
         expires_at: str | None = None
         if order.reserve:
@@ -333,8 +337,6 @@ class Trading:
                 expires_at = format_time_ms(expires_ms)
                 rec["rid"] = reservation_id
                 rec["exp"] = expires_ms
-                rec["ev"] = modes.version
-                rec["lv"] = state.in_force.version
                 if cancel_on_disconnect:
                     rec["cod"] = True
         wire: DecisionView = {
@@ -354,7 +356,11 @@ class Trading:
             state.check_thresholds(account, now_ms, allow_auto_reduce=False)
         else:
             state.record(rec)
-        wire["exposure"] = self._exposure_summary(book)
+        wire["exposure"] = summary = self._exposure_summary(book)
+        # Not yet encoded (that is the commit's): the record carries the
+        # figures answered, so the decisions history comes back exactly.
+        # (The limits are the ones of version ``lv``: replay has them.)
+        rec["x"] = [summary["account"], summary["global"]]
         if not state.replaying:
             push: DecisionPush = {
                 **wire,
@@ -365,6 +371,7 @@ class Trading:
                 "price": rec["p"],
                 "ts": format_time_ms(now_ms),
             }
+            state.history.add_decision(push)
             state.events.append(DecisionMade(push))
         return Decision(wire)
 

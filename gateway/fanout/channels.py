@@ -36,17 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from gateway.auth import Principal
 
-# The engine's events and views: the fan-out's only imports from the core.
+# The engine's events, views and history: the fan-out's only imports from the core.
 from gateway.core.events import AlertRaised, DecisionMade, Event, ExposureChanged, ModeChanged
-from gateway.core.views import EmergencyView, ExposureView, filter_emergency
+from gateway.core.history import History
+from gateway.core.views import AlertView, EmergencyView, ExposureView, filter_emergency
 from gateway.fanout.exposure import ExposureCoalescer
 from gateway.fanout.flusher import Flusher
 from gateway.fanout.outbox import Delivery, Outbox
@@ -76,9 +76,6 @@ _OPTIONAL = (Channel.ALERTS, Channel.EXPOSURE, Channel.DECISIONS)
 #: (whoever may read that account), or this, which is no account name (names
 #: are [A-Za-z0-9._:/-]): staff only, never a trader (alerts about a connection).
 STAFF_ONLY = "\x00staff"
-# Alerts kept for the snapshot: a trader's snapshot holds the last `history`
-# it may see, found among the most recent of these.
-ALERT_HISTORY = 1000
 
 
 class MaxExposure(Protocol):
@@ -103,6 +100,11 @@ class RiskReader(Protocol):
     def emergency_view(self, readable: Callable[[str], bool] | None = None) -> EmergencyView: ...
 
     def exposure_of(self, account: str) -> ExposureView: ...
+
+    @property
+    def history(self) -> History: ...
+
+    def note_alert(self, alert: AlertView, now_ms: int, *, for_traders: bool) -> None: ...
 
 
 class Subscriber(Protocol):
@@ -155,10 +157,9 @@ class Fanout:
         self.coalesce_ms = coalesce_ms
         self._clock = clock
         self._logs = {channel: ChannelLog(channel, buffer_size) for channel in SEQ_CHANNELS}
+        # How many alerts a snapshot holds; the alerts and decisions are the
+        # risk state's history, which survives a restart.
         self.history = history
-        # (alert, audience) of the last ALERT_HISTORY alerts.
-        self._alerts: deque[tuple[Mapping[str, Any], str | None]] = deque(maxlen=ALERT_HISTORY)
-        self._decisions: deque[Mapping[str, Any]] = deque(maxlen=history)
         self._members: dict[int, _Member] = {}
         self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
         self._exposure = ExposureCoalescer(coalesce_ms)
@@ -290,10 +291,8 @@ class Fanout:
                 elif isinstance(event, AlertRaised):
                     alert = event.alert
                     audience = alert.get("account") if event.for_traders else STAFF_ONLY
-                    self._alerts.append((alert, audience))
                     self._emit(Channel.ALERTS, alert, audience)
                 elif isinstance(event, DecisionMade):
-                    self._decisions.append(event.data)
                     self._emit(Channel.DECISIONS, event.data)
                 elif isinstance(event, ExposureChanged):
                     self._exposure_changed(event.account)
@@ -434,9 +433,9 @@ class Fanout:
             data = self.risk.emergency_view(member.principal.readable)
             delivery = Delivery.EMERGENCY_CATCH_UP
         elif channel is Channel.ALERTS:
-            data = {"alerts": _visible_alerts(self._alerts, member, self.history)}
+            data = {"alerts": _visible_alerts(self.risk.history.alerts, member, self.history)}
         elif channel is Channel.DECISIONS:
-            data = {"decisions": list(self._decisions)}
+            data = {"decisions": self.risk.history.decisions()}
         else:
             data = _exposure_snapshot(self.risk, member)
         frame = encode_push(channel.value, self._logs[channel].seq, data, snapshot=True)
@@ -478,10 +477,11 @@ class Fanout:
                         continue
                     self._drop(member)
                     self.evictions += 1
-                    alert = _eviction_alert(member, self._clock())
+                    now = self._clock()
+                    alert = _eviction_alert(member, now)
                     log.warning("%s", alert["message"])
                     # About a connection: staff only, never a trader.
-                    self._alerts.append((alert, STAFF_ONLY))
+                    self.risk.note_alert(alert, now, for_traders=False)
                     self._emit(Channel.ALERTS, alert, STAFF_ONLY)
         finally:
             self._depth -= 1
@@ -548,11 +548,13 @@ def _emergency_frame(
 
 
 def _visible_alerts(
-    alerts: deque[tuple[Mapping[str, Any], str | None]], member: _Member, history: int
-) -> list[Mapping[str, Any]]:
-    """The last ``history`` of ``alerts`` that ``member`` may see, oldest first."""
-    visible: list[Mapping[str, Any]] = []
-    for alert, audience in reversed(alerts):
+    alerts: Sequence[tuple[AlertView, bool]], member: _Member, history: int
+) -> list[AlertView]:
+    """The last ``history`` of ``alerts`` (``(alert, for_traders)``) that
+    ``member`` may see, oldest first."""
+    visible: list[AlertView] = []
+    for alert, for_traders in reversed(alerts):
+        audience = alert.get("account") if for_traders else STAFF_ONLY
         if audience is None or _may_see(member, audience):
             visible.append(alert)
             if len(visible) == history:
@@ -574,7 +576,7 @@ def _exposure_snapshot(risk: RiskReader, member: _Member) -> dict[str, Any]:
     }
 
 
-def _eviction_alert(member: _Member, now_ms: int) -> dict[str, Any]:
+def _eviction_alert(member: _Member, now_ms: int) -> AlertView:
     """The ``SLOW_CONSUMER`` alert about ``member``, just evicted."""
     outbox = member.outbox
     message = (

@@ -250,6 +250,18 @@ def subscribe(
     return result
 
 
+def publish(fanout: Fanout, events: list[Event]) -> None:
+    """Publish made-up events as the engine would have raised them: its
+    alerts and decisions are in the engine's history first."""
+    history = fanout.risk.history
+    for event in events:
+        if isinstance(event, AlertRaised):
+            history.add_alert(event.alert, event.for_traders)
+        elif isinstance(event, DecisionMade):
+            history.add_decision(event.data)
+    fanout.publish(events)
+
+
 def emergency(version: int) -> ModeChanged:
     return ModeChanged(
         {

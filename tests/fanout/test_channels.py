@@ -42,6 +42,7 @@ from tests.fanout.builders import (
     make_fanout,
     make_sub,
     move,
+    publish,
     seqs,
     settle,
     subscribe,
@@ -50,7 +51,7 @@ from tests.fanout.builders import (
 
 async def test_add_when_authenticated_then_emergency_snapshot_with_current_seq() -> None:
     fanout = make_fanout()
-    fanout.publish([emergency(1), emergency(2)])
+    publish(fanout, [emergency(1), emergency(2)])
     sub = make_sub()
     fanout.add(sub)
     await settle()
@@ -80,8 +81,8 @@ async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
         subscribe(fanout, sub, Channel.ALERTS, Channel.DECISIONS)
     await settle()
     framed.clear()  # the snapshots and answers so far are each their own
-    fanout.publish([alert(1), emergency(1), decision(1), alert(2), decision(2), emergency(2)])
-    fanout.publish([alert(3)])
+    publish(fanout, [alert(1), emergency(1), decision(1), alert(2), decision(2), emergency(2)])
+    publish(fanout, [alert(3)])
     await settle()
     for sub in (first, second):
         assert seqs(sub.pushes(Channel.EMERGENCY)) == [0, 1, 2]
@@ -95,11 +96,11 @@ async def test_publish_when_events_then_seq_consecutive_per_channel_and_shared(
 
 async def test_subscribe_then_snapshot_then_events_without_gap_or_duplicate() -> None:
     fanout = make_fanout()
-    fanout.publish([alert(n) for n in range(1, 6)])
+    publish(fanout, [alert(n) for n in range(1, 6)])
     sub = make_sub()
     fanout.add(sub)
     result = subscribe(fanout, sub, Channel.ALERTS, request_id=9)
-    fanout.publish([alert(6), alert(7)])
+    publish(fanout, [alert(6), alert(7)])
     await settle()
     assert result == {"channels": {"alerts": {"seq": 5}}}
     messages = sub.messages()
@@ -113,7 +114,7 @@ async def test_subscribe_then_snapshot_then_events_without_gap_or_duplicate() ->
 
 async def test_snapshot_when_more_than_history_then_last_100_alerts() -> None:
     fanout = make_fanout()
-    fanout.publish([alert(n) for n in range(1, 151)])
+    publish(fanout, [alert(n) for n in range(1, 151)])
     sub = make_sub()
     fanout.add(sub)
     subscribe(fanout, sub, Channel.ALERTS)
@@ -124,11 +125,11 @@ async def test_snapshot_when_more_than_history_then_last_100_alerts() -> None:
 
 async def test_resume_when_buffer_holds_missed_events_then_exactly_those() -> None:
     fanout = make_fanout(buffer_size=10)
-    fanout.publish([alert(n) for n in range(1, 13)])
+    publish(fanout, [alert(n) for n in range(1, 13)])
     sub = make_sub()
     fanout.add(sub)
     result = subscribe(fanout, sub, Channel.ALERTS, resume={Channel.ALERTS: 4})
-    fanout.publish([alert(13)])
+    publish(fanout, [alert(13)])
     await settle()
     assert result["channels"]["alerts"]["seq"] == 12
     pushes = sub.pushes(Channel.ALERTS)
@@ -139,11 +140,11 @@ async def test_resume_when_buffer_holds_missed_events_then_exactly_those() -> No
 
 async def test_resume_when_too_far_back_then_snapshot_with_current_seq() -> None:
     fanout = make_fanout(buffer_size=10)
-    fanout.publish([alert(n) for n in range(1, 13)])
+    publish(fanout, [alert(n) for n in range(1, 13)])
     sub = make_sub()
     fanout.add(sub)
     subscribe(fanout, sub, Channel.ALERTS, resume={Channel.ALERTS: 1})
-    fanout.publish([alert(13)])
+    publish(fanout, [alert(13)])
     await settle()
     snapshot, event = sub.pushes(Channel.ALERTS)
     assert snapshot["snapshot"] is True and snapshot["seq"] == 12
@@ -156,7 +157,7 @@ async def test_resume_when_at_or_past_current_then_nothing_or_snapshot(
 ) -> None:
     # Past current: the seq is from an earlier run of the gateway.
     fanout = make_fanout()
-    fanout.publish([alert(n) for n in range(1, 4)])
+    publish(fanout, [alert(n) for n in range(1, 4)])
     sub = make_sub()
     fanout.add(sub)
     subscribe(fanout, sub, Channel.ALERTS, resume={Channel.ALERTS: resume})
@@ -171,7 +172,7 @@ async def test_subscribe_emergency_with_resume_then_missed_emergency_events() ->
     sub = make_sub()
     fanout.add(sub)
     fanout.remove(sub)
-    fanout.publish([emergency(1), emergency(2)])
+    publish(fanout, [emergency(1), emergency(2)])
     sub2 = make_sub()
     fanout.add(sub2)
     subscribe(fanout, sub2, Channel.EMERGENCY, resume={Channel.EMERGENCY: 1})
@@ -188,7 +189,7 @@ async def test_unsubscribe_then_no_more_pushes_and_remaining_channels() -> None:
     fanout.add(sub)
     subscribe(fanout, sub, Channel.ALERTS, Channel.DECISIONS)
     result = fanout.unsubscribe(sub, Unsubscribe(channels=(Channel.ALERTS,)))
-    fanout.publish([alert(1), decision(1)])
+    publish(fanout, [alert(1), decision(1)])
     await settle()
     assert result == {"channels": ["emergency", "decisions", "heartbeat"]}
     assert seqs(sub.pushes(Channel.ALERTS)) == [0]  # the snapshot only
@@ -211,7 +212,7 @@ async def test_heartbeat_when_sent_then_every_connection_gets_seqs_and_no_seq() 
     subs = [make_sub(), make_sub(TRADER_A1)]
     for sub in subs:
         fanout.add(sub)
-    fanout.publish([alert(1), alert(2), emergency(1)])
+    publish(fanout, [alert(1), alert(2), emergency(1)])
     fanout.heartbeat()
     await settle()
     for sub in subs:
@@ -331,7 +332,7 @@ async def test_random_interleaving_then_no_gap_or_duplicate_after_snapshot(seed:
                     batch.append(decision(n, rng.choice(accounts)))
                 else:
                     batch += move(manager, rng.choice(accounts), rng.randint(-50, 50))
-            fanout.publish(batch)
+            publish(fanout, batch)
         elif op < 0.5 and clients:
             client = rng.choice(clients)
             optional = [Channel.ALERTS, Channel.EXPOSURE, Channel.EMERGENCY]
@@ -389,12 +390,12 @@ async def test_exposure_when_changes_inside_window_then_one_push_per_window_with
     sub = make_sub()
     fanout.add(sub)
     subscribe(fanout, sub, Channel.EXPOSURE)
-    fanout.publish(move(manager, "A1", 1))  # first change: pushed at once
+    publish(fanout, move(manager, "A1", 1))  # first change: pushed at once
     clock.now += 10
-    fanout.publish(move(manager, "A1", 2))
+    publish(fanout, move(manager, "A1", 2))
     clock.now += 10
-    fanout.publish(move(manager, "A1", 3))
-    fanout.publish(move(manager, "A2", 5))  # another account has its own window
+    publish(fanout, move(manager, "A1", 3))
+    publish(fanout, move(manager, "A2", 5))  # another account has its own window
     assert fanout.flush_exposure(clock.now) == T0 + 100
     await settle()
     grosses = [(p["data"]["account"], p["data"]["gross"]) for p in sub.pushes(Channel.EXPOSURE)[1:]]
@@ -420,7 +421,7 @@ async def test_exposure_when_state_already_pushed_then_no_repeat() -> None:
     fanout.add(sub)
     subscribe(fanout, sub, Channel.EXPOSURE)
     events = move(manager, "A1", 1)
-    fanout.publish(events + events)  # two changes reported, one state
+    publish(fanout, events + events)  # two changes reported, one state
     fanout.flush_exposure(T0 + 1000)
     await settle()
     assert seqs(sub.pushes(Channel.EXPOSURE)) == [0, 1]
@@ -437,8 +438,8 @@ async def test_exposure_timer_when_started_then_final_state_pushed_at_window_end
     assert current.tasks is not None
     fanout.start(current.tasks)
     try:
-        fanout.publish(move(manager, "A1", 1))
-        fanout.publish(move(manager, "A1", 7))
+        publish(fanout, move(manager, "A1", 1))
+        publish(fanout, move(manager, "A1", 7))
         async with asyncio.timeout(5):
             while [p["data"]["gross"] for p in sub.pushes(Channel.EXPOSURE)[1:]] != ["10", "70"]:
                 sub.ws.activity.clear()
@@ -451,13 +452,13 @@ async def test_trader_when_exposure_then_only_own_accounts_and_seq_jumps() -> No
     clock = Clock()
     manager = RiskEngine(limits=Limits(), now_ms=clock.now)
     fanout = make_fanout(manager, clock)
-    fanout.publish(move(manager, "A2", 4))
+    publish(fanout, move(manager, "A2", 4))
     trader, viewer = make_sub(TRADER_A1), make_sub(VIEWER)
     for sub in (trader, viewer):
         fanout.add(sub)
         subscribe(fanout, sub, Channel.EXPOSURE)
     clock.now += 100
-    fanout.publish(move(manager, "A2", 5) + move(manager, "A1", 1) + move(manager, "A3", 2))
+    publish(fanout, move(manager, "A2", 5) + move(manager, "A1", 1) + move(manager, "A3", 2))
     await settle()
     snapshot, *events = trader.pushes(Channel.EXPOSURE)
     assert list(snapshot["data"]["accounts"]) == ["A1"]
@@ -477,7 +478,7 @@ async def test_trader_when_subscribing_decisions_then_forbidden_and_nothing_reco
         fanout.subscribe(sub, Subscribe(channels=(Channel.ALERTS, Channel.DECISIONS)))
     assert caught.value.code is ErrorCode.FORBIDDEN
     assert "decisions" in caught.value.message
-    fanout.publish([alert(1)])
+    publish(fanout, [alert(1)])
     await settle()
     assert sub.pushes(Channel.ALERTS) == []
     assert fanout.stats()["subscribers"]["alerts"] == 0
@@ -488,7 +489,7 @@ async def test_trader_when_subscribing_decisions_then_forbidden_and_nothing_reco
 
 async def test_viewer_when_subscribing_decisions_then_snapshot_of_last_decisions() -> None:
     fanout = make_fanout()
-    fanout.publish([decision(1), decision(2, "A9")])
+    publish(fanout, [decision(1), decision(2, "A9")])
     sub = make_sub(VIEWER)
     fanout.add(sub)
     subscribe(fanout, sub, Channel.DECISIONS)
@@ -508,8 +509,8 @@ async def test_fanout_when_subscriber_evicted_then_alert_counted_and_others_keep
         subscribe(fanout, sub, Channel.ALERTS)
     await settle()
     for n in range(1, 60):
-        fanout.publish([alert(n)])
-    fanout.publish([emergency(1)])
+        publish(fanout, [alert(n)])
+    publish(fanout, [emergency(1)])
     await slow.eviction()
     await settle()
     assert slow.evicted == [slow.outbox]
@@ -541,6 +542,13 @@ async def test_fanout_when_subscriber_evicted_then_alert_counted_and_others_keep
     await settle()
     (snapshot,) = late.pushes(Channel.ALERTS)
     assert [a for a in snapshot["data"]["alerts"] if a["code"] == "SLOW_CONSUMER"] == [raised]
+    # Journaled: an engine replaying the records has it in its history too,
+    # for staff only.
+    risk = fanout.risk
+    assert isinstance(risk, RiskEngine)
+    restarted = RiskEngine(limits=Limits(), now_ms=T0)
+    restarted.replay(risk.drain_records())
+    assert list(restarted.history.alerts) == [(raised, False)]
 
 
 async def test_fanout_when_emergency_on_full_connection_then_delivered_and_gap_visible() -> None:
@@ -554,8 +562,8 @@ async def test_fanout_when_emergency_on_full_connection_then_delivered_and_gap_v
     while sub.outbox.queued_bytes != before:  # until an alert no longer fits
         before = sub.outbox.queued_bytes
         n += 1
-        fanout.publish([alert(n)])
-    fanout.publish([emergency(1)])
+        publish(fanout, [alert(n)])
+    publish(fanout, [emergency(1)])
     ws.resume_reading()
     await settle()
     assert sub.evicted == []
