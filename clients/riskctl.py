@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import decimal
+import logging
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -622,6 +624,9 @@ class WatchView:
     snapshots: set[str] = field(default_factory=set)
     connected: bool = True
     heartbeat_at: float | None = None
+    #: The client's last log message (a reconnect attempt, a seq gap), shown
+    #: in the view rather than written over it.
+    client_note: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -655,6 +660,12 @@ class WatchView:
 
     def on_connection(self, connected: bool) -> None:
         self.connected = connected
+        if connected:
+            self.client_note = None  # what it said was about the outage
+        self.changed.set()
+
+    def on_client_log(self, message: str) -> None:
+        self.client_note = message
         self.changed.set()
 
     def render(self, *, live: bool = True) -> Group:
@@ -698,7 +709,42 @@ class WatchView:
         if not live:
             return Group(banner, alerts, exposure)
         footer = Text(f"{beat}; Ctrl-C to quit", style="dim")
+        if self.client_note is not None:
+            footer.append(f"\nclient: {self.client_note}")
         return Group(banner, alerts, exposure, footer)
+
+
+class _IntoView(logging.Handler):
+    """The client's log records, as one line in the ``watch`` view."""
+
+    def __init__(self, view: WatchView) -> None:
+        super().__init__(logging.INFO)
+        self.view = view
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().splitlines()[0]
+        except Exception:  # a bad format string must not end the watch
+            message = str(record.msg)
+        self.view.on_client_log(f"{record.levelname.lower()}: {message}")
+
+
+@contextlib.contextmanager
+def _client_logs_into(view: WatchView) -> Iterator[None]:
+    """While the view is live, the client's log lines (reconnects, seq gaps)
+    go into it: written to the terminal, they would scroll over the view."""
+    logger = logging.getLogger("clients")
+    handler = _IntoView(view)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 async def _watch(args: argparse.Namespace, ctx: Context) -> int:
@@ -715,7 +761,10 @@ async def _watch(args: argparse.Namespace, ctx: Context) -> int:
                 await view.ready.wait()
             ctx.out.print(view.render(live=False))
             return 0
-        with Live(view.render(), console=ctx.out, refresh_per_second=4) as live:
+        with (
+            _client_logs_into(view),
+            Live(view.render(), console=ctx.out, refresh_per_second=4) as live,
+        ):
             while True:
                 try:
                     async with asyncio.timeout(1.0):
