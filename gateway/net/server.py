@@ -293,14 +293,15 @@ class Gateway:
         # only; sockets waiting for session.auth never take its place.
         authorization = request.headers.get("Authorization")
         in_use = self.authenticated if authorization is not None else len(self.sessions)
-        if in_use >= server_cfg.max_connections:
-            metrics.CONNECTIONS_REFUSED.labels(reason="max_connections").inc()
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-        if self.per_ip.get(peer, 0) >= server_cfg.max_connections_per_ip:
-            metrics.CONNECTIONS_REFUSED.labels(reason="per_ip").inc()
-            return connection.respond(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address\n"
+        if in_use >= (cap := server_cfg.max_connections):
+            why = f"over max_connections ({cap})"
+            return _refuse(connection, peer, "max_connections", why, "too many connections\n")
+        if self.per_ip.get(peer, 0) >= (cap := server_cfg.max_connections_per_ip):
+            why, text = (
+                f"over max_connections_per_ip ({cap})",
+                "too many connections from this address\n",
             )
+            return _refuse(connection, peer, "per_ip", why, text)
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             tokens = self.service.tokens
@@ -500,6 +501,16 @@ class Gateway:
             metrics.count_request(method, "ok")
             self._authenticated(session, outcome.principal)
             await session.drained()
+
+
+def _refuse(
+    connection: ServerConnection, peer: str, reason: str, why: str, text: str
+) -> HttpResponse:
+    """A handshake refused for a connection cap: counted, logged naming the
+    client's address (``peer``), answered 503."""
+    metrics.CONNECTIONS_REFUSED.labels(reason=reason).inc()
+    log.warning("refused handshake from %s: %s", peer, why)
+    return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, text)
 
 
 def client_host(

@@ -196,6 +196,11 @@ async def through_nginx(
     return gw, f"wss://127.0.0.1:{port}/v1/ws", context, proc
 
 
+def gateway_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The gateway's own log lines (its loggers are ``gateway.*``)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
+
+
 async def open_as(url: str, context: ssl.SSLContext, client_ip: str) -> TestClient:
     headers = {"Authorization": f"Bearer {ADMIN}", "X-Forwarded-For": client_ip}
     return TestClient(await connect(url, ssl=context, additional_headers=headers, compression=None))
@@ -225,16 +230,35 @@ async def test_wss_through_nginx_counts_clients_by_forwarded_address_when_truste
                 },
             )
         assert refused.value.response.status_code == 503
+        # A wrong token from a third client.
+        with pytest.raises(InvalidStatus) as wrong:
+            await connect(
+                url,
+                ssl=context,
+                additional_headers={
+                    "Authorization": "Bearer not-a-token",
+                    "X-Forwarded-For": "203.0.113.9",
+                },
+            )
+        assert wrong.value.response.status_code == 401
         await first.close()
         await second.close()
         assert gw.gateway.per_ip == {} or "127.0.0.1" not in gw.gateway.per_ip
+        # The log names each client by its forwarded address, never the proxy's.
+        lines = gateway_log(caplog)
+        assert "refused handshake from 203.0.113.7: over max_connections_per_ip (1)" in lines
+        assert "refused handshake from 203.0.113.9: wrong token" in lines
+        assert not [line for line in lines if "127.0.0.1" in line], lines
     finally:
         proc.terminate()
         await proc.wait()
 
 
 async def test_wss_through_nginx_ignores_forwarded_for_from_an_untrusted_peer(
-    make_gateway: GatewayFactory, tmp_path: Path, certificate: tuple[Path, Path]
+    make_gateway: GatewayFactory,
+    tmp_path: Path,
+    certificate: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     gw, url, context, proc = await through_nginx(make_gateway, tmp_path, certificate, [])
     try:
@@ -246,6 +270,10 @@ async def test_wss_through_nginx_ignores_forwarded_for_from_an_untrusted_peer(
         assert refused.value.response.status_code == 503
         assert set(gw.gateway.per_ip) == {"127.0.0.1"}
         await first.close()
+        # The log names the proxy, the only address it may believe.
+        lines = gateway_log(caplog)
+        assert "refused handshake from 127.0.0.1: over max_connections_per_ip (1)" in lines
+        assert not [line for line in lines if "203.0.113" in line], lines
     finally:
         proc.terminate()
         await proc.wait()
