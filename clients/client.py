@@ -868,6 +868,12 @@ class GatewayClient:
         """``limits.set`` (admin): ``CONFLICT`` unless ``version`` is current."""
         return await self.request("limits.set", {"version": version, "limits": dict(limits)})
 
+    async def history(self) -> JSONObject:
+        """``history.get``: the last 15 minutes the dashboard plots: ``gateway``
+        and per-account ``[time, gross, limit]`` points, and (not for a
+        trader) ``decisions`` counted per second."""
+        return await self.request("history.get")
+
     async def cluster(self) -> JSONObject:
         """``cluster.get`` on the primary: ``{name, members}``; also refreshes
         the routes. ``NOT_FOUND`` from a gateway that is not in a cluster."""

@@ -51,6 +51,7 @@ from protocol.messages import (
     ClusterForget,
     ClusterGet,
     EmergencySet,
+    HistoryGet,
     LimitsSet,
     OrderValidate,
     PositionSnapshot,
@@ -169,6 +170,7 @@ ACCESS: dict[str, Access] = {
     "unsubscribe": Access(),
     "cluster.get": Access(),
     "cluster.forget": Access(roles=frozenset({Role.ADMIN})),
+    "history.get": Access(),
 }
 
 
@@ -276,6 +278,14 @@ class RiskService:
             return Reply(self.fanout.unsubscribe(caller, params))
         if isinstance(params, ClusterGet | ClusterForget):
             return self._cluster(principal, params)
+        if isinstance(params, HistoryGet):
+            return Reply(
+                self.fanout.charts.view(
+                    now_ms,
+                    readable=principal.readable,
+                    decisions=principal.role is not Role.TRADER,
+                )
+            )
         if isinstance(params, SessionAuth):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this connection is already authenticated")
         if method == "ping":

@@ -23,6 +23,7 @@ from protocol.messages import (
     ClusterGet,
     EmergencyGet,
     EmergencySet,
+    HistoryGet,
     LimitsGet,
     LimitsSet,
     OrderValidate,
@@ -121,7 +122,7 @@ def _session_hello(m: str, raw: object) -> SessionHello:
 
 
 def _no_params(
-    cls: type[Ping] | type[EmergencyGet] | type[LimitsGet] | type[ClusterGet],
+    cls: type[Ping] | type[EmergencyGet] | type[LimitsGet] | type[ClusterGet] | type[HistoryGet],
 ) -> Callable[[str, object], Params]:
     def parse(m: str, raw: object) -> Params:
         _params(m, raw, (), ())
@@ -319,6 +320,7 @@ PARSERS: dict[str, Callable[[str, object], Params]] = {
     "unsubscribe": _unsubscribe,
     "cluster.get": _no_params(ClusterGet),
     "cluster.forget": _cluster_forget,
+    "history.get": _no_params(HistoryGet),
 }
 METHODS = frozenset(PARSERS)
 

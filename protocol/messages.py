@@ -128,6 +128,11 @@ class ClusterForget:
     name: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryGet:
+    pass
+
+
 Params = (
     SessionAuth
     | SessionHello
@@ -146,6 +151,7 @@ Params = (
     | Unsubscribe
     | ClusterGet
     | ClusterForget
+    | HistoryGet
 )
 
 

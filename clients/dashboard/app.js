@@ -336,6 +336,20 @@
     renderRole();
     subscribeAll();
     noteCluster(result.emergency);
+    loadHistory(gen);
+  }
+
+  // The charts' last 15 minutes, kept by the gateway: a reloaded page (or a
+  // phone opening it) starts with them. Asked after subscribing (see charts.js).
+  async function loadHistory(gen) {
+    let answer;
+    try {
+      answer = await request("history.get", {});
+    } catch (err) {
+      return; // the charts fill from the channels alone
+    }
+    if (gen !== st.gen || answer.status !== "ok") return;
+    window.RiskCharts.seed(answer.result);
   }
 
   function channelsForRole() {

@@ -2,8 +2,9 @@
 // by the gateway): the gross exposure against its limit, each account's
 // utilisation, and decisions per second (accept / reject) with the top
 // reject reasons, over the last 15 minutes. The data comes from the channel
-// pushes app.js receives; it is kept here in bounded rings, one point per
-// second at most, and redrawn once a second.
+// pushes app.js receives, on top of the gateway's own last 15 minutes
+// (`history.get`, asked once connected); it is kept here in bounded rings,
+// one point per second at most, and redrawn once a second.
 "use strict";
 
 (function () {
@@ -59,6 +60,37 @@
         slot.reasons.set(r.code, (slot.reasons.get(r.code) || 0) + 1);
       }
     }
+  }
+
+  // The gateway's last 15 minutes (`history.get`), so that a page opened or
+  // reloaded starts with the history. Asked for after subscribing: every
+  // decision push that arrived before the answer is in its counts, so its
+  // seconds replace ours; exposure points merge, ours winning a tie.
+  function seed(history) {
+    if (!history) return;
+    const toS = (ts) => Math.floor(Date.parse(ts) / 1000);
+    const exposurePoints = (history.gateway || []).map(([ts, g, l]) => [toS(ts), num(g), num(l)]);
+    merge(rings.exposure, exposurePoints);
+    for (const [name, points] of Object.entries(history.accounts || {})) {
+      if (!rings.util.has(name)) rings.util.set(name, []);
+      const pct = ([ts, g, l]) => [toS(ts), num(l) ? (100 * num(g)) / num(l) : null];
+      merge(rings.util.get(name), points.map(pct));
+    }
+    const oldest = now() - WINDOW_S;
+    for (const [ts, accept, reject, reasons] of history.decisions || []) {
+      const t = toS(ts);
+      if (!(t >= oldest)) continue;
+      rings.decisions.set(t, { accept, reject, reasons: new Map(Object.entries(reasons || {})) });
+    }
+    redraw();
+  }
+
+  function merge(list, points) {
+    const byTime = new Map(points.map((p) => [p[0], p]));
+    for (const p of list) byTime.set(p[0], p);
+    const merged = [...byTime.values()].sort((a, b) => a[0] - b[0]);
+    list.splice(0, list.length, ...merged);
+    trim(list);
   }
 
   function chart(key, host, series, data) {
@@ -181,5 +213,5 @@
     };
   }
 
-  window.RiskCharts = { exposure, decision, redraw, summary };
+  window.RiskCharts = { exposure, decision, seed, redraw, summary };
 })();

@@ -47,6 +47,7 @@ from gateway.auth import Principal
 from gateway.core.events import AlertRaised, DecisionMade, Event, ExposureChanged, ModeChanged
 from gateway.core.history import History
 from gateway.core.views import AlertView, EmergencyView, ExposureView, filter_emergency
+from gateway.fanout.charts import ChartHistory
 from gateway.fanout.exposure import ExposureCoalescer
 from gateway.fanout.flusher import Flusher
 from gateway.fanout.outbox import Delivery, Outbox
@@ -163,6 +164,8 @@ class Fanout:
         self._members: dict[int, _Member] = {}
         self._live: dict[Channel, dict[int, _Member]] = {c: {} for c in _OPTIONAL}
         self._exposure = ExposureCoalescer(coalesce_ms)
+        #: The last 15 minutes of exposure and decisions (``history.get``).
+        self.charts = ChartHistory()
         self._exposure_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._evicted: list[_Member] = []
@@ -293,6 +296,7 @@ class Fanout:
                     audience = alert.get("account") if event.for_traders else STAFF_ONLY
                     self._emit(Channel.ALERTS, alert, audience)
                 elif isinstance(event, DecisionMade):
+                    self.charts.decision(event.data, self._clock())
                     self._emit(Channel.DECISIONS, event.data)
                 elif isinstance(event, ExposureChanged):
                     self._exposure_changed(event.account)
@@ -454,6 +458,7 @@ class Fanout:
     def _push_exposure(self, account: str, now_ms: int) -> None:
         data = self.risk.exposure_of(account)
         if self._exposure.record(account, data, now_ms):
+            self.charts.exposure(data, now_ms)
             self._emit(Channel.EXPOSURE, data, account)
 
     def _on_evicted(self, member: _Member) -> None:

@@ -725,3 +725,16 @@ async def test_charts_plot_exposure_utilisation_and_decisions(
     # The vendored library is served by the gateway itself (no CDN).
     scripts = await page.evaluate("() => [...document.scripts].map(s => new URL(s.src).host)")
     assert set(scripts) == {gw.url.split("/")[2]}
+    # A reload (a phone's tab coming back) starts with the last 15 minutes
+    # the gateway kept, counted once: more decisions than the decisions
+    # snapshot holds (100), so only the gateway's history can have them all.
+    for n in range(6, 120):
+        await trader.ok("order.validate", {**order, "qty": "1" if n % 2 else "999999999"})
+    await page.wait_for_function("() => window.RiskCharts.summary().rejects === 60")
+    await page.reload()
+    await expect(page.locator("#charts-panel .uplot canvas")).to_have_count(3, timeout=5000)
+    await page.wait_for_function("() => window.RiskCharts.summary().rejects >= 50")
+    again = await page.evaluate("() => window.RiskCharts.summary()")
+    assert again["accounts"] == ["A1"] and again["exposurePoints"] >= 1, again
+    assert again["accepts"] == 60 and again["rejects"] == 60, again
+    await expect(reason).to_have_attribute("data-code", re.compile(r"MAX_\w+"))

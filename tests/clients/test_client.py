@@ -123,6 +123,19 @@ async def test_request_when_error_response_then_gateway_error_with_code(
             assert info.value.code == "FORBIDDEN"
 
 
+async def test_history_when_asked_then_the_charts_last_minutes_scoped_to_the_caller(
+    gw: RunningGateway,
+) -> None:
+    async with asyncio.timeout(10), GatewayClient(gw.url, TRADER) as trader:
+        await trader.update_position("A1", "BTC-USD", 1, 50000)
+        await trader.validate("A1", "BTC-USD", "sell", 1, 50000)
+        async with GatewayClient(gw.url, ADMIN) as admin:
+            seen = await admin.history()
+        assert seen["window_s"] == 900 and sum(p[1] for p in seen["decisions"]) == 1
+        mine = await trader.history()
+        assert set(mine["accounts"]) <= {"A1", "A2"} and "decisions" not in mine
+
+
 async def test_emergency_property_when_admin_changes_mode_then_follows_pushes(
     gw: RunningGateway,
 ) -> None:
