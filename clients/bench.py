@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -537,6 +537,26 @@ async def _prepare_validations(conn: Conn) -> None:
     await conn.ok("position.update", POSITION)
 
 
+async def alternate_latency(
+    first: Conn, second: Conn, n: int, block: int
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """``n`` validations one at a time on each connection, in blocks that
+    alternate between them, and so does which goes first, so a noisy spell
+    of the machine hits both. Returns each one's latency summary and the
+    failures."""
+    sides: list[tuple[Conn, list[bytes], list[int]]] = [
+        (conn, conn.frames("order.validate", ORDER, n), []) for conn in (first, second)
+    ]
+    failures = 0
+    with no_gc():
+        for index, start in enumerate(range(0, n, block)):
+            for conn, frames, samples in sides[:: 1 if index % 2 == 0 else -1]:
+                got, failed = await conn.round_trips(frames[start : start + block])
+                samples.extend(got)
+                failures += failed
+    return latency_summary(sides[0][2]), latency_summary(sides[1][2]), failures
+
+
 async def section_latency(bench: Bench, gateway: Server, echo: Server) -> dict[str, Any]:
     sizes = bench.sizes
     gw, ec = await Conn.open(gateway.url), await Conn.open(echo.url)
@@ -549,20 +569,10 @@ async def section_latency(bench: Bench, gateway: Server, echo: Server) -> dict[s
         failures = 0
         block = min(BLOCK_N, sizes.latency_n)
         for repeat in range(sizes.repeats):
-            sides: list[tuple[Conn, list[bytes], list[int]]] = [
-                (conn, conn.frames("order.validate", ORDER, sizes.latency_n), [])
-                for conn in (gw, ec)
-            ]
-            with no_gc():
-                for index, start in enumerate(range(0, sizes.latency_n, block)):
-                    # Blocks alternate between the servers, and so does which
-                    # goes first, so a noisy spell of the machine hits both.
-                    for conn, frames, samples in sides[:: 1 if index % 2 == 0 else -1]:
-                        got, failed = await conn.round_trips(frames[start : start + block])
-                        samples.extend(got)
-                        failures += failed
-            gw_runs.append(latency_summary(sides[0][2]))
-            echo_runs.append(latency_summary(sides[1][2]))
+            gw_run, echo_run, failed = await alternate_latency(gw, ec, sizes.latency_n, block)
+            gw_runs.append(gw_run)
+            echo_runs.append(echo_run)
+            failures += failed
             bench.progress(
                 f"  repeat {repeat + 1}: p50 gateway {gw_runs[-1]['p50']:.0f} us, "
                 f"echo {echo_runs[-1]['p50']:.0f} us"
@@ -1635,19 +1645,24 @@ def command(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         err.print(message, markup=False)
 
-    coroutine = run_bench(sizes, sections, progress, keep=args.keep)
+    report = _run(run_bench(sizes, sections, progress, keep=args.keep))
+    _print_report(report, as_json=args.json, as_markdown=args.markdown)
+    return 0
+
+
+def _run(coroutine: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run a benchmark on uvloop (the gateway's loop too); a SIGTERM or an
+    error still stops every child process it started."""
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         try:
             import uvloop
 
-            report = uvloop.run(coroutine)
+            return uvloop.run(coroutine)
         except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-            report = asyncio.run(coroutine)
+            return asyncio.run(coroutine)
     finally:
         _end_children()  # only what an interrupted run left behind
-    _print_report(report, as_json=args.json, as_markdown=args.markdown)
-    return 0
 
 
 def _cluster_command(args: argparse.Namespace, err: Console) -> int:
@@ -1665,17 +1680,7 @@ def _cluster_command(args: argparse.Namespace, err: Console) -> int:
     def progress(message: str) -> None:
         err.print(message, markup=False)
 
-    coroutine = bench_cluster.run_cluster_bench(sizes, progress)
-    signal.signal(signal.SIGTERM, _interrupted)
-    try:
-        try:
-            import uvloop
-
-            report = uvloop.run(coroutine)
-        except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-            report = asyncio.run(coroutine)
-    finally:
-        _end_children()
+    report = _run(bench_cluster.run_cluster_bench(sizes, progress))
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

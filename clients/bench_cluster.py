@@ -49,9 +49,8 @@ from clients.bench import (
     Progress,
     Server,
     SubscriberGroup,
-    latency_summary,
+    alternate_latency,
     median,
-    no_gc,
     paired_ratios,
     start_server,
 )
@@ -215,18 +214,12 @@ async def section_latency(lab: Lab, sizes: ClusterSizes) -> dict[str, Any]:
         single_runs: list[dict[str, float]] = []
         failures = 0
         for repeat in range(sizes.repeats):
-            sides: list[tuple[Conn, list[bytes], list[int]]] = [
-                (conn, conn.frames("order.validate", ORDER, sizes.latency_n), [])
-                for conn in (member, single)
-            ]
-            with no_gc():
-                for index, start in enumerate(range(0, sizes.latency_n, sizes.block_n)):
-                    for conn, frames, samples in sides[:: 1 if index % 2 == 0 else -1]:
-                        got, failed = await conn.round_trips(frames[start : start + sizes.block_n])
-                        samples.extend(got)
-                        failures += failed
-            member_runs.append(latency_summary(sides[0][2]))
-            single_runs.append(latency_summary(sides[1][2]))
+            member_run, single_run, failed = await alternate_latency(
+                member, single, sizes.latency_n, sizes.block_n
+            )
+            member_runs.append(member_run)
+            single_runs.append(single_run)
+            failures += failed
             lab.progress(
                 f"  repeat {repeat + 1}: p50 member {member_runs[-1]['p50']:.0f} us, "
                 f"single {single_runs[-1]['p50']:.0f} us"

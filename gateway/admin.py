@@ -84,15 +84,7 @@ class AdminChanges:
             record = engine.prepare_emergency(params, actor, self.clock())
             if record is None:
                 return engine.emergency_view()
-            log.warning(
-                "emergency change by %s: %s %s -> %s (%s), version %d",
-                actor,
-                "gateway" if params.account is None else f"account {params.account}",
-                engine.mode_of(params.account).value,
-                params.mode.value,
-                params.reason,
-                record["v"],
-            )
+            _log_emergency(engine, params, actor, record["v"])
             await self._stage_durably(record)
             view = engine.emergency_view()
             await self.fanout.flusher.barrier()
@@ -172,15 +164,7 @@ class AdminChanges:
             def prepare() -> list[StagedRecord]:
                 record = engine.prepare_emergency(params, actor, self.clock())
                 if record is not None:
-                    log.warning(
-                        "emergency change by %s: %s %s -> %s (%s), version %d",
-                        actor,
-                        "gateway" if params.account is None else f"account {params.account}",
-                        engine.mode_of(params.account).value,
-                        params.mode.value,
-                        params.reason,
-                        record["v"],
-                    )
+                    _log_emergency(engine, params, actor, record["v"])
                 return [] if record is None else [record]
 
             changed = await member.documents.write_with_retry("emergency", prepare)
@@ -254,3 +238,16 @@ def _show_limit(value: object) -> str:
     if isinstance(value, str | int):
         return str(value)
     return orjson.dumps(value).decode()
+
+
+def _log_emergency(engine: RiskEngine, params: EmergencySet, actor: str, version: int) -> None:
+    """The log line of an emergency change, before it is staged."""
+    log.warning(
+        "emergency change by %s: %s %s -> %s (%s), version %d",
+        actor,
+        "gateway" if params.account is None else f"account {params.account}",
+        engine.mode_of(params.account).value,
+        params.mode.value,
+        params.reason,
+        version,
+    )

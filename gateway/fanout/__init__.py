@@ -5,6 +5,8 @@
   ``resume``). It reads the risk state through the narrow ``RiskReader``.
 - ``outbox``: ``Outbox``, one per connection, and ``Delivery``, what a frame
   is; the slow-consumer rule.
+- ``charts``: ``ChartHistory``, the last 15 minutes of exposure pushes and
+  decision counts that ``history.get`` answers.
 - ``flusher``: ``Flusher``, one per gateway, writing broadcasts a slice of
   connections per loop turn; ``text_frame``, the framing.
 
